@@ -1,0 +1,136 @@
+"""Gateway settings: the `gateway.toml` schema, its commented template, and loading.
+
+Owns: every tunable of the gateway with its default and bounds, reading
+`DIR/gateway.toml`, and letting `GATEPASS_*` environment variables override it.
+Settings are frozen once loaded. Must not: touch keys, the registry or sockets.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gateway.errors import ConfigError
+
+__all__ = ["MAX_TOKEN_LIFETIME", "GatewaySettings", "load_settings", "render_template"]
+
+MAX_TOKEN_LIFETIME = 3600
+
+
+class GatewaySettings(BaseSettings):
+    """Every gateway setting. Environment variables `GATEPASS_<NAME>` win over the file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GATEPASS_", frozen=True, extra="forbid", validate_default=True
+    )
+
+    issuer: str = Field(default="https://localhost:8443", min_length=1)
+    audience: str = Field(default="gatepass-mqtt", min_length=1)
+    bind: str = "127.0.0.1"
+    https_port: int = Field(default=8443, ge=0, le=65535)
+    mqtt_port: int = Field(default=8883, ge=0, le=65535)
+    token_lifetime: int = Field(default=300, ge=5, le=MAX_TOKEN_LIFETIME)
+    token_rate_per_minute: float = Field(default=10.0, gt=0)
+    token_burst: int = Field(default=5, ge=1)
+    failure_rate_per_minute: float = Field(default=30.0, gt=0)
+    failure_burst: int = Field(default=10, ge=1)
+    cert_validity_days: float = Field(default=30.0, gt=0, le=825)
+    enrollment_secret_ttl: int = Field(default=86400, ge=60)
+    key_rotation_days: float = Field(default=0.0, ge=0)
+    require_client_cert: bool = True
+    deny_action: Literal["ignore", "disconnect"] = "disconnect"
+    max_packet_size: int = Field(default=262144, ge=1024, le=268435455)
+    max_connections: int = Field(default=20000, ge=1)
+    max_request_body: int = Field(default=16384, ge=1024)
+    registry_poll_ms: int = Field(default=200, ge=20, le=5000)
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_is_https(cls, value: str) -> str:
+        if not value.startswith("https://"):
+            raise ValueError("issuer must be an https:// URL (RFC 8414)")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init kwargs; the environment must override them.
+        return (env_settings, init_settings)
+
+
+def load_settings(path: Path) -> GatewaySettings:
+    """Read `gateway.toml`; any problem is a one-line `ConfigError`."""
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such file (run 'gatepass-gateway init' first)") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return GatewaySettings(**data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from exc
+
+
+def render_template(*, issuer: str, bind: str) -> str:
+    """The commented `gateway.toml` written by `init`."""
+    return f"""\
+# Gatepass gateway settings. Every key may be overridden by an environment variable
+# GATEPASS_<KEY> (for example GATEPASS_TOKEN_LIFETIME=120).
+
+# Issuer identifier put in every token's "iss" and in the RFC 8414 metadata.
+issuer = "{issuer}"
+# Audience put in every token's "aud"; the MQTT listener accepts only this audience.
+audience = "gatepass-mqtt"
+
+# Address both listeners bind to (0.0.0.0 serves a LAN; 127.0.0.1 only this machine).
+bind = "{bind}"
+# HTTPS API (EST enrollment, OAuth token endpoint, JWKS, metrics). 0 picks a free port.
+https_port = 8443
+# MQTT over TLS. 0 picks a free port.
+mqtt_port = 8883
+
+# Access-token lifetime in seconds (at most {MAX_TOKEN_LIFETIME}; never beyond the certificate).
+token_lifetime = 300
+# Tokens a device may obtain per minute, and the burst above that rate (429 beyond).
+token_rate_per_minute = 10.0
+token_burst = 5
+# Failed authentications allowed per source address (and per device) per minute.
+failure_rate_per_minute = 30.0
+failure_burst = 10
+
+# Validity of device certificates in days (backdated 5 minutes for clock skew).
+cert_validity_days = 30.0
+# Lifetime of a one-time enrollment secret in seconds.
+enrollment_secret_ttl = 86400
+# Rotate the token signing key automatically every N days (0 = only by hand).
+key_rotation_days = 0.0
+
+# MQTT: require a client certificate on the TLS handshake.
+require_client_cert = true
+# MQTT: what a refused PUBLISH does to its session: "disconnect" or "ignore".
+deny_action = "disconnect"
+# MQTT: largest packet accepted, in bytes.
+max_packet_size = 262144
+# MQTT: most simultaneous connections.
+max_connections = 20000
+
+# HTTPS: largest request body accepted, in bytes (CSRs, token requests).
+max_request_body = 16384
+# How often (milliseconds) the running gateway looks for registry changes made by the CLI.
+registry_poll_ms = 200
+"""

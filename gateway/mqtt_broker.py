@@ -1,0 +1,727 @@
+"""The MQTT listener: TLS, token-checked CONNECT, ACL on every PUBLISH and SUBSCRIBE, on amqtt.
+
+Owns: the whole amqtt integration. `SecureBroker` serves connections itself
+(`asyncio.start_server` with our SSLContext and a large backlog), reads and decides
+each CONNECT with `gateway.mqtt_policy` *before* amqtt sees the connection, and only
+then hands it to amqtt's `external` listener. It closes live sessions at `exp`, on
+revocation and on key retirement, and keeps the metrics.
+Must not: decide policy (that is `gateway.mqtt_policy`), read tokens or keys from disk,
+or be imported by the agent.
+
+amqtt 0.12.1 is extended in this module only, by two fenced subclasses (the handler
+holds the per-packet holes, so a Broker subclass alone cannot close them). Each
+override names the hole it closes and has a regression test in
+`tests/test_mqtt_broker.py`:
+
+    _GatepassAmqtt(Broker)
+      _initialize_client_session   session built from our checked CONNECT; a resumed
+                                   session gets the new connection's TLS identity,
+                                   credentials and grant (amqtt kept the old ssl_object)
+      _authenticate                true only for a connection admitted by mqtt_policy
+      _topic_filtering             SUBSCRIBE and delivery checked against the grant
+      _publish_retained_messages_for_subscription
+                                   retained messages only for the session's own
+                                   filters and only topics its ACL allows
+      _retain_broadcast_message    bounded offline queue, oldest dropped first
+    _GatepassHandler(BrokerProtocolHandler)
+      handle_publish               ACL and expiry checked before PUBACK; refused
+                                   PUBLISH gets no PUBACK (deny_action decides close)
+      handle_read_timeout          keep-alive: close after 1.5 x keep-alive (will sent)
+      _handle_qos1_message_flow    outgoing QoS 1 stays in flight until PUBACK or
+                                   disconnect, then is resent on resume (issue 401)
+
+Limits and overflow policy (`BrokerLimits`): packets over `max_packet_size` close the
+connection; connections beyond `max_connections` or faster than `connect_rate` get
+CONNACK 3; a session's incoming queue holds `max_incoming_queue` messages (QoS 0 beyond
+it is dropped and counted, QoS 1 waits, so PUBACK is delayed: back-pressure); a
+persistent session's offline queue holds `max_offline_queue` (oldest dropped, counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from amqtt.adapters import BufferReader, ReaderAdapter, WriterAdapter
+from amqtt.broker import Broker
+from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
+from amqtt.errors import AMQTTError
+from amqtt.mqtt.connack import UNACCEPTABLE_PROTOCOL_VERSION, ConnackPacket
+from amqtt.mqtt.connect import ConnectPacket
+from amqtt.mqtt.constants import QOS_0
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.plugins.manager import PluginManager
+from amqtt.session import OUTGOING, ApplicationMessage, Session
+from prometheus_client import CollectorRegistry
+
+from gateway.mqtt_metrics import MqttMetrics
+from gateway.mqtt_policy import (
+    CLOSE_POLICY,
+    CONNACK_SERVER_UNAVAILABLE,
+    CloseReason,
+    ConnectRateLimiter,
+    ConnectRefused,
+    ConnectRequest,
+    DenyAction,
+    PublishRefused,
+    RefusalReason,
+    SessionIndex,
+    SessionState,
+    SubscribeRefused,
+    admit,
+    check_publish,
+    check_receive,
+    check_subscribe,
+)
+from shared.errors import AccessDenied
+from shared.pki import x5t_s256
+from shared.tokens import TokenVerifier
+
+__all__ = ["BrokerLimits", "SecureBroker"]
+
+_log = logging.getLogger(__name__)
+
+LISTENER_NAME: Final = "default"
+KEEPALIVE_FACTOR: Final = 1.5
+"""MQTT 3.1.1 section 3.1.2.10: close after one and a half keep-alive periods."""
+EXPIRY_TICK_SECONDS: Final = 0.1
+TAKEOVER_WAIT_SECONDS: Final = 5.0
+_STATE_KEY: Final = "gatepass.session"
+_NOISY_LOGGERS: Final = ("amqtt", "transitions")
+_CONNECT_PACKET: Final = 0x10
+_MAX_LENGTH_BYTES: Final = 4
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerLimits:
+    """Resource limits of the listener; see the module docstring for overflow policy."""
+
+    max_packet_size: int = 256 * 1024
+    max_connections: int = 10_000
+    connect_rate: float = 1_000.0
+    connect_burst: int = 2_000
+    connect_timeout: float = 10.0
+    tls_handshake_timeout: float = 10.0
+    backlog: int = 4096
+    max_incoming_queue: int = 1_000
+    max_offline_queue: int = 1_000
+
+    def __post_init__(self) -> None:
+        if min(self.max_packet_size, self.max_connections, self.backlog) < 1:
+            raise ValueError("limits must be positive")
+        if min(self.max_incoming_queue, self.max_offline_queue) < 1:
+            raise ValueError("queue bounds must be positive")
+
+
+class _PacketTooLarge(Exception):
+    """A packet announced more than max_packet_size bytes (internal signal)."""
+
+
+class _FramedReader(ReaderAdapter):  # type: ignore[misc]
+    """Reads whole MQTT packets (bounded in size) and serves amqtt's small reads from them."""
+
+    def __init__(self, reader: asyncio.StreamReader, max_packet_size: int) -> None:
+        self._reader = reader
+        self._max = max_packet_size
+        self._buf = b""
+        self._pos = 0
+        self.oversize = False
+
+    async def read_packet(self) -> bytes | None:
+        """The next whole packet, or None at EOF, on error or when it is too large."""
+        reader = self._reader
+        try:
+            header = bytearray(await reader.readexactly(2))
+            length, multiplier, byte = header[1] & 0x7F, 128, header[1]
+            while byte & 0x80:
+                if len(header) > _MAX_LENGTH_BYTES:
+                    return None
+                byte = (await reader.readexactly(1))[0]
+                header.append(byte)
+                length += (byte & 0x7F) * multiplier
+                multiplier *= 128
+            if len(header) + length > self._max:
+                raise _PacketTooLarge
+            body = await reader.readexactly(length) if length else b""
+        except _PacketTooLarge:
+            self.oversize = True
+            return None
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            return None
+        return bytes(header) + body
+
+    async def read(self, n: int = -1) -> bytes:
+        out = b""
+        while n < 0 or len(out) < n:
+            if self._pos >= len(self._buf):
+                packet = await self.read_packet()
+                if packet is None:
+                    return out
+                self._buf, self._pos = packet, 0
+            end = len(self._buf) if n < 0 else self._pos + n - len(out)
+            piece = self._buf[self._pos : end]
+            self._pos += len(piece)
+            out = piece if not out else out + piece
+            if n < 0:
+                return out
+        return out
+
+    def feed_eof(self) -> None:
+        self._reader.feed_eof()
+
+
+class _TlsWriter(WriterAdapter):  # type: ignore[misc]
+    """amqtt's view of one TLS connection, carrying the admission decided before amqtt."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self.closed = False
+        self.connection: _Connection | None = None
+        self.connect_packet: ConnectPacket | None = None
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self._writer.write(data)
+
+    async def drain(self) -> None:
+        if not self.closed:
+            await self._writer.drain()
+
+    def get_peer_info(self) -> tuple[str, int] | None:
+        peer = self._writer.get_extra_info("peername")
+        if not peer or len(peer) < 2:
+            return None
+        return str(peer[0]), int(peer[1])
+
+    def get_ssl_info(self) -> ssl.SSLObject | None:
+        ssl_object = self._writer.get_extra_info("ssl_object")
+        return ssl_object if isinstance(ssl_object, ssl.SSLObject) else None
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._writer.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        self._writer.transport.abort()
+
+
+class _Connection:
+    """One admitted connection: its grant, its amqtt session and how it ends."""
+
+    __slots__ = ("broker", "close_reason", "conn_id", "done", "session", "state", "writer")
+
+    def __init__(
+        self, broker: SecureBroker, conn_id: int, state: SessionState, writer: _TlsWriter
+    ) -> None:
+        self.broker = broker
+        self.conn_id = conn_id
+        self.state = state
+        self.writer = writer
+        self.session: Session | None = None
+        self.close_reason: CloseReason | None = None
+        self.done = asyncio.Event()
+
+    def close(self, reason: CloseReason) -> None:
+        """End the connection now; the will is published only if CLOSE_POLICY says so."""
+        if self.close_reason is not None:
+            return
+        self.close_reason = reason
+        if not CLOSE_POLICY[reason].publish_will and self.session is not None:
+            self.session.will_flag = False
+        self.broker.metrics.sessions_closed.labels(reason=reason.value).inc()
+        self.writer.abort()
+
+    def check_publish(self, topic: str) -> None:
+        check_publish(self.state, topic, self.broker.clock())
+
+    def publish_refused(self, exc: PublishRefused) -> None:
+        self.broker.metrics.publishes_refused.labels(reason=exc.reason.value).inc()
+        if exc.reason is RefusalReason.expired:
+            self.close(CloseReason.expired)
+        elif self.broker.deny_action == "disconnect":
+            self.close(CloseReason.acl_violation)
+
+
+def _state_of(session: Session) -> SessionState | None:
+    state = session.attributes.get(_STATE_KEY)
+    return state if isinstance(state, SessionState) else None
+
+
+class _GatepassHandler(BrokerProtocolHandler):  # type: ignore[misc]
+    """amqtt's per-connection protocol handler with the packet-level holes closed."""
+
+    def __init__(
+        self,
+        plugins_manager: PluginManager[Any],
+        connection: _Connection,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(plugins_manager, loop=loop)
+        self._connection = connection
+
+    async def handle_publish(self, publish_packet: PublishPacket) -> None:
+        """Hole: amqtt PUBACKs a PUBLISH before its topic check; check first."""
+        topic = publish_packet.topic_name
+        if topic is None:
+            return
+        try:
+            self._connection.check_publish(topic)
+        except PublishRefused as exc:
+            self._connection.publish_refused(exc)
+            return
+        session = self.session
+        if (
+            publish_packet.qos == QOS_0
+            and session is not None
+            and session.delivered_message_queue.full()
+        ):
+            self._connection.broker.metrics.messages_dropped.labels(queue="incoming").inc()
+            return
+        await super().handle_publish(publish_packet)
+
+    def handle_read_timeout(self) -> None:
+        """Hole: amqtt never enforces keep-alive; close (the will is then published)."""
+        self._connection.close(CloseReason.keepalive)
+
+    async def _handle_qos1_message_flow(self, app_message: Any) -> None:
+        """Hole (amqtt issue 401): keep an unacknowledged outgoing QoS 1 message in flight.
+
+        amqtt drops it after 5 s or when the subscriber disconnects; here it waits for
+        the PUBACK while connected and stays in `inflight_out` otherwise, so that
+        `_retry_deliveries` resends it (DUP) when the session resumes.
+        """
+        session = self.session
+        if app_message.direction != OUTGOING or session is None:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        packet_id = app_message.packet_id
+        session.inflight_out[packet_id] = app_message
+        dup = app_message.publish_packet is not None
+        packet = app_message.build_publish_packet(dup=dup)
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._puback_waiters[packet_id] = waiter
+        try:
+            await self._send_packet(packet)
+            app_message.publish_packet = packet
+            app_message.puback_packet = await waiter
+        finally:
+            self._puback_waiters.pop(packet_id, None)
+        session.inflight_out.pop(packet_id, None)
+
+
+def _new_session(
+    connect: ConnectPacket,
+    connection: _Connection,
+    ssl_object: ssl.SSLObject | None,
+    limits: BrokerLimits,
+) -> Session:
+    session = Session()
+    session.retained_messages = asyncio.Queue(maxsize=limits.max_offline_queue)
+    session.delivered_message_queue = asyncio.Queue(maxsize=limits.max_incoming_queue)
+    session.client_id = connection.state.client_id
+    session.clean_session = connect.clean_session_flag
+    _refresh(session, connect, connection, ssl_object)
+    return session
+
+
+def _refresh(
+    session: Session,
+    connect: ConnectPacket,
+    connection: _Connection,
+    ssl_object: ssl.SSLObject | None,
+) -> None:
+    """Give `session` this connection's identity, credentials, will, keep-alive and grant."""
+    peer = connection.writer.get_peer_info() or (None, None)
+    session.remote_address, session.remote_port = peer
+    session.ssl_object = ssl_object
+    session.username = connect.username
+    session.password = connect.password
+    session.will_flag = connect.will_flag
+    session.will_retain = connect.will_retain_flag
+    session.will_qos = connect.will_qos
+    session.will_topic = connect.will_topic
+    session.will_message = connect.will_message
+    keep_alive = max(connect.keep_alive, 0)
+    session.keep_alive = math.ceil(keep_alive * KEEPALIVE_FACTOR) if keep_alive else 0
+    session.attributes[_STATE_KEY] = connection.state
+    connection.session = session
+
+
+class _GatepassAmqtt(Broker):  # type: ignore[misc]
+    """amqtt's broker with the session-level holes closed (see the module docstring)."""
+
+    def __init__(self, owner: SecureBroker) -> None:
+        config = BrokerConfig(
+            listeners={LISTENER_NAME: ListenerConfig(type=ListenerType.EXTERNAL)},
+            plugins={},
+        )
+        super().__init__(config)
+        self._owner = owner
+
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        """Hole: amqtt looked up (and deleted) sessions before authenticating, and kept a
+        resumed session's old `ssl_object`. Only admitted connections get here."""
+        if not isinstance(writer, _TlsWriter) or writer.connection is None:
+            raise AMQTTError("connection was not admitted by the Gatepass CONNECT check")
+        connection, connect = writer.connection, writer.connect_packet
+        if connect is None:
+            raise AMQTTError("admitted connection lost its CONNECT")
+        handler = _GatepassHandler(self.plugins_manager, connection, loop=self._loop)
+        client_id = connection.state.client_id
+        existing = self._sessions.get(client_id, (None, None))[0]
+        if connect.clean_session_flag or existing is None:
+            if connect.clean_session_flag:
+                await self._delete_session(client_id)
+            session = _new_session(connect, connection, writer.get_ssl_info(), self._owner.limits)
+            session.parent = 0
+        else:
+            session = existing
+            _refresh(session, connect, connection, writer.get_ssl_info())
+            session.parent = 1
+        return handler, session
+
+    async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
+        """Hole: failed logins stayed in `sessions`; now only admitted sessions arrive."""
+        return _state_of(session) is not None
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        """SUBSCRIBE against the grant (SUBACK 0x80 if refused); deliveries against the ACL."""
+        state = _state_of(session)
+        if state is None:
+            return False
+        if action == Action.SUBSCRIBE:
+            try:
+                check_subscribe(state, topic, self._owner.clock())
+            except SubscribeRefused as exc:
+                self._owner.metrics.subscribes_refused.labels(reason=exc.reason.value).inc()
+                return False
+            return True
+        try:
+            if action == Action.PUBLISH:
+                state.acl.check_publish(topic)
+            else:
+                check_receive(state, topic)
+        except AccessDenied:
+            return False
+        return True
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        """Hole: on CONNECT amqtt sent retained messages for every client's filters."""
+        topic_filter, qos = subscription
+        state = _state_of(session)
+        subscribers = self._subscriptions.get(topic_filter, [])
+        if state is None or all(s.client_id != session.client_id for s, _ in subscribers):
+            return
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            try:
+                check_receive(state, topic)
+            except AccessDenied:
+                continue
+            retained_qos = min(qos, retained.qos or qos)
+            publish = handler.mqtt_publish(retained.topic, retained.data, retained_qos, retain=True)
+            tasks.append(asyncio.ensure_future(publish))
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _retain_broadcast_message(
+        self, broadcast: dict[str, Any], qos: int, target_session: Session
+    ) -> None:
+        """Hole: unbounded offline queue; drop the oldest message when it is full."""
+        queue: asyncio.Queue[ApplicationMessage] = target_session.retained_messages
+        if queue.full():
+            queue.get_nowait()
+            self._owner.metrics.messages_dropped.labels(queue="offline").inc()
+        await super()._retain_broadcast_message(broadcast, qos, target_session)
+
+
+def _protocol_level(packet: bytes) -> int | None:
+    """Protocol level of a CONNECT packet (4 is MQTT 3.1.1), None if it is not one."""
+    if not packet or packet[0] != _CONNECT_PACKET:
+        return None
+    index = 1
+    while packet[index] & 0x80:
+        index += 1
+    body = packet[index + 1 :]
+    if len(body) < 7 or body[0] != 0:
+        return None
+    name_end = 2 + body[1]
+    if name_end >= len(body) or body[2:name_end] not in (b"MQTT", b"MQIsdp"):
+        return None
+    return body[name_end]
+
+
+def _thumbprint(writer: asyncio.StreamWriter) -> str | None:
+    ssl_object = writer.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return x5t_s256(der) if der else None
+
+
+def _quiet_noisy_loggers() -> None:
+    for name in _NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+
+
+class SecureBroker:
+    """The Gatepass MQTT listener, run in the caller's event loop.
+
+    Use `async with SecureBroker(...) as broker:` or `await start()` / `await stop()`.
+    `ssl_context` should come from `gateway.tls.server_context(...,
+    require_client_cert=True)`; `verifier` holds the gateway's key set (the gateway
+    calls `verifier.replace_keys` on rotation; `retire_kid` also refuses the kid here).
+    """
+
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext,
+        verifier: TokenVerifier,
+        host: str = "127.0.0.1",
+        port: int = 8883,
+        limits: BrokerLimits | None = None,
+        deny_action: DenyAction = "disconnect",
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+        revoked: Iterable[str] = (),
+        retired_kids: Iterable[str] = (),
+    ) -> None:
+        if deny_action not in ("ignore", "disconnect"):
+            raise ValueError("deny_action must be 'ignore' or 'disconnect'")
+        self.ssl_context = ssl_context
+        self.verifier = verifier
+        self.host = host
+        self.limits = limits or BrokerLimits()
+        self.deny_action: DenyAction = deny_action
+        self.metrics = MqttMetrics(registry if registry is not None else CollectorRegistry())
+        self.clock = clock
+        self._revoked: set[str] = set(revoked)
+        self._retired: set[str] = set(retired_kids)
+        self._requested_port = port
+        self._rate = ConnectRateLimiter(self.limits.connect_rate, self.limits.connect_burst)
+        self._index = SessionIndex()
+        self._connections: dict[int, _Connection] = {}
+        self._ids = itertools.count(1)
+        self._server: asyncio.Server | None = None
+        self._amqtt: _GatepassAmqtt | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def __aenter__(self) -> SecureBroker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start amqtt's core, then listen; raise if either fails (nothing left running)."""
+        if self._server is not None:
+            raise RuntimeError("broker already started")
+        _quiet_noisy_loggers()
+        self._amqtt = _GatepassAmqtt(self)
+        await self._amqtt.start()
+        try:
+            self._server = await asyncio.start_server(
+                self._serve,
+                self.host,
+                self._requested_port,
+                ssl=self.ssl_context,
+                backlog=self.limits.backlog,
+                ssl_handshake_timeout=self.limits.tls_handshake_timeout,
+                reuse_address=True,
+            )
+        except BaseException:
+            await self._amqtt.shutdown()
+            self._amqtt = None
+            raise
+        self._sweeper = asyncio.create_task(self._close_expired())
+
+    async def stop(self) -> None:
+        """Stop listening, close every session (no wills), stop amqtt. Idempotent."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        for connection in list(self._connections.values()):
+            connection.close(CloseReason.shutdown)
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=TAKEOVER_WAIT_SECONDS)
+        if self._amqtt is not None:
+            await self._amqtt.shutdown()
+            self._amqtt = None
+        await server.wait_closed()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("broker not started")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def live_sessions(self) -> int:
+        return len(self._index)
+
+    # -- administration ----------------------------------------------------------
+
+    def revoke_devices(self, device_ids: Iterable[str]) -> int:
+        """Refuse these devices from now on and close their live sessions; returns closed."""
+        ids = set(device_ids)
+        self._revoked |= ids
+        return self._close_all(self._index.of_devices(ids), CloseReason.revoked)
+
+    def set_revoked(self, device_ids: Iterable[str]) -> int:
+        """Replace the revoked set (e.g. reloaded from the registry); returns closed."""
+        self._revoked = set(device_ids)
+        return self._close_all(self._index.of_devices(self._revoked), CloseReason.revoked)
+
+    def retire_kid(self, kid: str) -> int:
+        """Refuse tokens signed by `kid` and close the sessions they opened; returns closed."""
+        self._retired.add(kid)
+        return self._close_all(self._index.of_kid(kid), CloseReason.key_retired)
+
+    def _close_all(self, conn_ids: Iterable[int], reason: CloseReason) -> int:
+        closed = 0
+        for conn_id in conn_ids:
+            connection = self._connections.get(conn_id)
+            if connection is not None and connection.close_reason is None:
+                connection.close(reason)
+                closed += 1
+        return closed
+
+    async def _close_expired(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_TICK_SECONDS)
+            self._close_all(self._index.expired(self.clock()), CloseReason.expired)
+
+    # -- connections -------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        tls_writer = _TlsWriter(writer)
+        try:
+            await self._serve_connection(
+                _FramedReader(reader, self.limits.max_packet_size), writer, tls_writer
+            )
+        except Exception:  # a broken connection must never take the listener down
+            _log.debug("MQTT connection ended with an error", exc_info=True)
+        finally:
+            tls_writer.abort()
+            if task is not None:
+                self._handlers.discard(task)
+
+    async def _serve_connection(
+        self, framed: _FramedReader, writer: asyncio.StreamWriter, tls_writer: _TlsWriter
+    ) -> None:
+        try:
+            packet = await asyncio.wait_for(framed.read_packet(), self.limits.connect_timeout)
+        except TimeoutError:
+            return
+        if packet is None:
+            return
+        level = _protocol_level(packet)
+        if level is None:
+            return  # not a CONNECT: close without a word [MQTT-3.1.0-1]
+        if level != 4:
+            await self._connack(tls_writer, UNACCEPTABLE_PROTOCOL_VERSION)
+            return
+        connect = await ConnectPacket.from_stream(BufferReader(packet))
+        if connect.variable_header is None or connect.payload is None or connect.reserved_flag:
+            return
+        try:
+            state = self._admit(connect, writer)
+        except ConnectRefused as exc:
+            self.metrics.connects.labels(outcome="refused", reason=exc.reason.value).inc()
+            await self._connack(tls_writer, exc.return_code)
+            return
+        self.metrics.connects.labels(outcome="accepted", reason="ok").inc()
+        await self._run_session(framed, tls_writer, connect, state)
+
+    def _admit(self, connect: ConnectPacket, writer: asyncio.StreamWriter) -> SessionState:
+        now = self.clock()
+        self._rate.take(now)
+        if len(self._connections) >= self.limits.max_connections:
+            raise ConnectRefused(
+                RefusalReason.too_many_connections,
+                return_code=CONNACK_SERVER_UNAVAILABLE,
+            )
+        request = ConnectRequest(
+            client_id="" if connect.payload.client_id_is_random else connect.client_id or "",
+            username=connect.username,
+            password=connect.password,
+            peer_thumbprint=_thumbprint(writer),
+            will_topic=connect.will_topic if connect.will_flag else None,
+        )
+        return admit(
+            request,
+            verifier=self.verifier,
+            revoked=self._revoked,
+            retired_kids=self._retired,
+            now=now,
+        )
+
+    async def _connack(self, tls_writer: _TlsWriter, return_code: int) -> None:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await ConnackPacket.build(0, return_code).to_stream(tls_writer)
+        await tls_writer.close()
+
+    async def _run_session(
+        self,
+        framed: _FramedReader,
+        tls_writer: _TlsWriter,
+        connect: ConnectPacket,
+        state: SessionState,
+    ) -> None:
+        await self._take_over(state.client_id)
+        if self._amqtt is None:
+            return
+        connection = _Connection(self, next(self._ids), state, tls_writer)
+        tls_writer.connection, tls_writer.connect_packet = connection, connect
+        self._connections[connection.conn_id] = connection
+        self._index.add(connection.conn_id, state)
+        self.metrics.live_sessions.inc()
+        try:
+            await self._amqtt.external_connected(framed, tls_writer, LISTENER_NAME)
+        finally:
+            if framed.oversize:
+                connection.close(CloseReason.oversize_packet)
+            self._index.remove(connection.conn_id)
+            del self._connections[connection.conn_id]
+            self.metrics.live_sessions.dec()
+            connection.done.set()
+
+    async def _take_over(self, client_id: str) -> None:
+        """Close a live connection of the same client and wait until amqtt let it go."""
+        for connection in list(self._connections.values()):
+            if connection.state.client_id == client_id:
+                connection.close(CloseReason.takeover)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(connection.done.wait(), TAKEOVER_WAIT_SECONDS)

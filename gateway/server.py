@@ -1,0 +1,110 @@
+"""`gatepass-gateway serve`: both listeners in one process and event loop.
+
+Owns: the start-up and shutdown order (registry -> HTTPS -> MQTT -> watcher ->
+`run/endpoints.json`; the reverse on SIGTERM/SIGINT, draining within a timeout).
+Must not: hold protocol logic; the listeners are adapters around the services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.http_api import build_app
+from gateway.mqtt_broker import MqttListener
+from gateway.runtime import Gateway, Snapshot
+from gateway.tls import server_context
+
+__all__ = ["RunningGateway", "run_gateway", "serve"]
+
+log = logging.getLogger("gatepass.server")
+
+SHUTDOWN_TIMEOUT = 5.0
+LISTEN_BACKLOG = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class RunningGateway:
+    gateway: Gateway
+    https_port: int
+    mqtt_port: int
+
+
+@contextlib.asynccontextmanager
+async def run_gateway(
+    root: Path, https_port: int | None = None, mqtt_port: int | None = None
+) -> AsyncIterator[RunningGateway]:
+    """Start every part of the gateway; stop them in reverse order on exit."""
+    gateway = Gateway.open(root)
+    settings = gateway.settings
+    state = gateway.state
+    https_ctx = server_context(state.server_cert, state.server_key, state.ca_cert)
+    mqtt_ctx = server_context(
+        state.server_cert,
+        state.server_key,
+        state.ca_cert,
+        require_client_cert=settings.require_client_cert,
+    )
+    runner = web.AppRunner(build_app(gateway), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    await runner.setup()
+    watcher: asyncio.Task[None] | None = None
+    try:
+        port = settings.https_port if https_port is None else https_port
+        site = web.TCPSite(
+            runner, settings.bind, port, ssl_context=https_ctx, backlog=LISTEN_BACKLOG
+        )
+        await site.start()
+        bound_https = _bound_port(site)
+        async with MqttListener(
+            gateway=gateway,
+            ssl_context=mqtt_ctx,
+            host=settings.bind,
+            port=settings.mqtt_port if mqtt_port is None else mqtt_port,
+        ) as mqtt:
+            gateway.on_change(lambda old, new: _push_to_broker(mqtt, old, new))
+            watcher = asyncio.create_task(gateway.watch(), name="registry-watcher")
+            state.write_endpoints(bound_https, mqtt.port)
+            log.info("gateway ready: https %d, mqtt %d", bound_https, mqtt.port)
+            try:
+                yield RunningGateway(gateway, bound_https, mqtt.port)
+            finally:
+                state.remove_endpoints()
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+    finally:
+        await runner.cleanup()
+        gateway.close()
+
+
+def _push_to_broker(mqtt: MqttListener, old: Snapshot, new: Snapshot) -> None:
+    added = new.revoked_devices - old.revoked_devices
+    if added:
+        mqtt.revoke_devices(added)
+    for kid in new.retired_kids - old.retired_kids:
+        mqtt.retire_kid(kid)
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server = site._server  # aiohttp exposes the bound port only here
+    assert isinstance(server, asyncio.base_events.Server)
+    port: int = server.sockets[0].getsockname()[1]
+    return port
+
+
+async def serve(root: Path, https_port: int | None, mqtt_port: int | None) -> None:
+    """Run until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with run_gateway(root, https_port, mqtt_port):
+        await stop.wait()
+        log.info("stopping")
