@@ -355,8 +355,9 @@ class MqttLink:
         try:
             async with asyncio.timeout(timeout):
                 sock = await _open_stream(host, port, tls_context)
-                connack = self._start(sock, host, port, client_id, clean_session, keepalive,
-                                      username, password)
+                connack = self._start(
+                    sock, host, port, client_id, clean_session, keepalive, username, password
+                )
                 return await connack
         except TimeoutError as exc:
             self._abort("connect timed out")

@@ -41,6 +41,8 @@ from typing import Literal, Self
 from shared.errors import GatepassError
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_MESSAGES",
     "MessageTooLarge",
     "Outbox",
     "OutboxError",
@@ -65,6 +67,8 @@ CREATE TABLE IF NOT EXISTS counters (
 INSERT OR IGNORE INTO counters (name, value) VALUES ('seq', 0), ('dropped', 0);
 """
 _BUSY_TIMEOUT_MS = 5000
+DEFAULT_MAX_MESSAGES = 100_000
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 
 class OutboxError(GatepassError):
@@ -105,9 +109,7 @@ def _create_private_file(path: Path) -> None:
 class Outbox:
     """A bounded, durable FIFO of MQTT messages plus the telemetry sequence counter."""
 
-    def __init__(
-        self, conn: sqlite3.Connection, *, max_messages: int, max_bytes: int
-    ) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, max_messages: int, max_bytes: int) -> None:
         """Use `Outbox.open`; this only wires an already prepared connection."""
         self._conn = conn
         self._max_messages = max_messages
@@ -122,8 +124,8 @@ class Outbox:
     def open(
         cls,
         path: str | os.PathLike[str],
-        max_messages: int,
-        max_bytes: int,
+        max_messages: int = DEFAULT_MAX_MESSAGES,
+        max_bytes: int = DEFAULT_MAX_BYTES,
         *,
         synchronous: Synchronous = "FULL",
     ) -> Self:
@@ -275,9 +277,7 @@ class Outbox:
             freed += size
             last_id = msg_id
         conn.execute("DELETE FROM messages WHERE id <= ?", (last_id,))
-        conn.execute(
-            "UPDATE counters SET value = value + ? WHERE name = 'dropped'", (count,)
-        )
+        conn.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (count,))
         return count, freed
 
     def _after_insert(self, size: int, dropped: tuple[int, int]) -> None:
@@ -296,9 +296,7 @@ class Outbox:
             ).fetchall()
         except sqlite3.Error as exc:
             raise OutboxError(f"outbox read failed: {exc}") from exc
-        return [
-            OutboxMessage(msg_id=r[0], topic=r[1], payload=bytes(r[2]), qos=r[3]) for r in rows
-        ]
+        return [OutboxMessage(msg_id=r[0], topic=r[1], payload=bytes(r[2]), qos=r[3]) for r in rows]
 
     def depth(self) -> int:
         """How many messages wait for acknowledgement."""

@@ -96,19 +96,20 @@ class EnrollmentService:
 
     async def _check_secret(self, device_id: str, secret: str, now: float) -> None:
         record = self._registry.enrollment_secret(device_id)
-        if record is None:
-            # Spend the same scrypt time as a real check: no timing oracle for device ids.
-            await asyncio.to_thread(_burn_scrypt, secret)
-            raise Unauthorized(_BAD_SECRET, "unknown device")
+        # Always spend the scrypt time, so that timing tells nothing about which check failed.
+        try:
+            await asyncio.to_thread(verify_secret, secret, record.secret_hash if record else None)
+        except Unauthorized as exc:
+            if record is not None:
+                self._registry.record_failed_secret(device_id, now)
+            raise Unauthorized(
+                _BAD_SECRET, "unknown device" if record is None else "wrong secret"
+            ) from exc
+        assert record is not None
         if record.used_at is not None:
             raise Unauthorized(_BAD_SECRET, "secret already used")
         if record.expires_at <= now:
             raise Unauthorized(_BAD_SECRET, "secret expired")
-        try:
-            await asyncio.to_thread(verify_secret, secret, record.secret_hash)
-        except Unauthorized as exc:
-            self._registry.record_failed_secret(device_id, now)
-            raise Unauthorized(_BAD_SECRET, "wrong secret") from exc
 
     def _current_holder(self, peer_der: bytes, now: float) -> str:
         fingerprint = cert_fingerprint(load_certificate(peer_der)).hex()
@@ -122,16 +123,18 @@ class EnrollmentService:
         device = self._registry.get_device(record.device_id)
         if device is None or device.status == "revoked":
             raise Unauthorized("device revoked", "revoked device")
+        current = self._registry.current_certificate(record.device_id)
+        if current is None or current.fingerprint_sha256 != fingerprint:
+            raise Unauthorized("certificate superseded by a newer one", "superseded certificate")
         return record.device_id
 
     def _issue(
         self, csr: x509.CertificateSigningRequest, device_id: str, now: float
     ) -> x509.Certificate:
-        forbidden = {self._ca_spki}
+        check_csr(csr, device_id, forbidden_public_keys={self._ca_spki})
         spki = spki_sha256(csr.public_key())
         if self._registry.spki_in_use_by_other(spki.hex(), device_id):
-            forbidden.add(spki)
-        check_csr(csr, device_id, forbidden_public_keys=forbidden)
+            raise Forbidden("public key already in use", "public key used by another device")
         return issue_device_certificate(
             csr,
             device_id,
@@ -159,9 +162,3 @@ class EnrollmentService:
         self._metrics.enrollments.labels(kind=kind, outcome="issued").inc()
         detail = f"serial {cert.serial_number:x}"
         self._registry.audit(kind, "issued", now, device_id=device_id, source=source, detail=detail)
-
-
-def _burn_scrypt(secret: str) -> None:
-    from gateway.enrollment_secrets import hash_secret
-
-    hash_secret(secret)

@@ -47,9 +47,12 @@ def build_app(gateway: Gateway) -> web.Application:
     )
     app[GATEWAY_KEY] = gateway
     app.router.add_get("/.well-known/est/cacerts", cacerts)
-    app.router.add_post("/.well-known/est/simpleenroll", simpleenroll)
-    app.router.add_post("/.well-known/est/simplereenroll", simplereenroll)
-    app.router.add_post("/oauth2/token", token)
+    est_expect, oauth_expect = _expect_handler(_est_error), _expect_handler(_oauth_error)
+    app.router.add_post("/.well-known/est/simpleenroll", simpleenroll, expect_handler=est_expect)
+    app.router.add_post(
+        "/.well-known/est/simplereenroll", simplereenroll, expect_handler=est_expect
+    )
+    app.router.add_post("/oauth2/token", token, expect_handler=oauth_expect)
     app.router.add_get("/.well-known/jwks.json", jwks)
     app.router.add_get("/.well-known/oauth-authorization-server", metadata)
     app.router.add_get("/healthz", healthz)
@@ -74,6 +77,24 @@ async def _metrics_middleware(request: web.Request, handler: Handler) -> web.Str
         request.app[GATEWAY_KEY].metrics.observe_request(
             path, status, time.perf_counter() - started
         )
+
+
+def _expect_handler(
+    render: Callable[[ClientError], web.Response],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+    """Answer `Expect: 100-continue` with 413 at once when the announced body is too big."""
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        limit = request.app[GATEWAY_KEY].settings.max_request_body
+        if request.content_length is not None and request.content_length > limit:
+            return render(PayloadTooLarge(f"request body larger than {limit} bytes"))
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="unsupported Expect header")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+        return None
+
+    return expect
 
 
 # --- EST (RFC 7030) -------------------------------------------------------------------

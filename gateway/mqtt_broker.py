@@ -66,6 +66,7 @@ from prometheus_client import CollectorRegistry
 from gateway.mqtt_metrics import MqttMetrics
 from gateway.mqtt_policy import (
     CLOSE_POLICY,
+    CONNACK_NOT_AUTHORIZED,
     CONNACK_SERVER_UNAVAILABLE,
     CloseReason,
     ConnectRateLimiter,
@@ -662,6 +663,15 @@ class SecureBroker:
             self.metrics.connects.labels(outcome="refused", reason=exc.reason.value).inc()
             await self._connack(tls_writer, exc.return_code)
             return
+        await self._take_over(state.client_id)
+        if state.device_id in self._revoked or state.kid in self._retired:
+            # Revoked or retired while the previous connection was being taken over.
+            reason = RefusalReason.revoked if state.device_id in self._revoked else (
+                RefusalReason.key_retired
+            )
+            self.metrics.connects.labels(outcome="refused", reason=reason.value).inc()
+            await self._connack(tls_writer, CONNACK_NOT_AUTHORIZED)
+            return
         self.metrics.connects.labels(outcome="accepted", reason="ok").inc()
         await self._run_session(framed, tls_writer, connect, state)
 
@@ -700,7 +710,6 @@ class SecureBroker:
         connect: ConnectPacket,
         state: SessionState,
     ) -> None:
-        await self._take_over(state.client_id)
         if self._amqtt is None:
             return
         connection = _Connection(self, next(self._ids), state, tls_writer)

@@ -18,7 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.http_api import build_app
-from gateway.mqtt_broker import MqttListener
+from gateway.mqtt_broker import BrokerLimits, SecureBroker
 from gateway.runtime import Gateway, Snapshot
 from gateway.tls import server_context
 
@@ -62,11 +62,22 @@ async def run_gateway(
         )
         await site.start()
         bound_https = _bound_port(site)
-        async with MqttListener(
-            gateway=gateway,
+        snapshot = gateway.snapshot
+        async with SecureBroker(
             ssl_context=mqtt_ctx,
+            verifier=gateway.verifier,
             host=settings.bind,
             port=settings.mqtt_port if mqtt_port is None else mqtt_port,
+            limits=BrokerLimits(
+                max_packet_size=settings.max_packet_size,
+                max_connections=settings.max_connections,
+                backlog=LISTEN_BACKLOG,
+            ),
+            deny_action=settings.deny_action,
+            registry=gateway.metrics.registry,
+            clock=gateway.clock,
+            revoked=snapshot.revoked_devices,
+            retired_kids=snapshot.retired_kids,
         ) as mqtt:
             gateway.on_change(lambda old, new: _push_to_broker(mqtt, old, new))
             watcher = asyncio.create_task(gateway.watch(), name="registry-watcher")
@@ -84,10 +95,9 @@ async def run_gateway(
         gateway.close()
 
 
-def _push_to_broker(mqtt: MqttListener, old: Snapshot, new: Snapshot) -> None:
-    added = new.revoked_devices - old.revoked_devices
-    if added:
-        mqtt.revoke_devices(added)
+def _push_to_broker(mqtt: SecureBroker, old: Snapshot, new: Snapshot) -> None:
+    if new.revoked_devices != old.revoked_devices:
+        mqtt.set_revoked(new.revoked_devices)
     for kid in new.retired_kids - old.retired_kids:
         mqtt.retire_kid(kid)
 

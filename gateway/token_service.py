@@ -81,6 +81,9 @@ class TokenService:
         device = self._registry.get_device(record.device_id)
         if device is None or device.status != "enrolled":
             raise OAuthError("invalid_client", "device not active", "device not enrolled")
+        current = self._registry.current_certificate(record.device_id)
+        if current is None or current.fingerprint_sha256 != record.fingerprint_sha256:
+            raise OAuthError("invalid_client", "certificate superseded", "superseded cert")
         return record.device_id, cert
 
     def _mint(

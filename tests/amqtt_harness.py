@@ -40,8 +40,9 @@ class AmqttBroker:
         listener: dict[str, Any] = {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}
         if self._tls is not None:
             listener.update(ssl=True, certfile=str(self._tls[0]), keyfile=str(self._tls[1]))
-        auth = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {
-            "allow_anonymous": self._anonymous}}
+        auth = {
+            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": self._anonymous}
+        }
         config: dict[str, Any] = {
             "listeners": {"default": listener},
             "plugins": {**auth, **self._plugins},
@@ -170,8 +171,9 @@ class Subscriber:
             self._client.loop_stop()
 
     async def wait_subscribed(self, timeout: float = 15.0) -> None:
-        await wait_until(lambda: self.subscribed, self.changed, timeout=timeout,
-                         what="the subscriber's SUBACK")
+        await wait_until(
+            lambda: self.subscribed, self.changed, timeout=timeout, what="the subscriber's SUBACK"
+        )
 
     def payloads(self) -> list[bytes]:
         with self._lock:

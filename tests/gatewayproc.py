@@ -106,8 +106,26 @@ def start_gateway(
     endpoints = root / "run" / "endpoints.json"
     endpoints.unlink(missing_ok=True)
     log_path = root / f"serve-{time.monotonic_ns()}.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
+    with log_path.open("wb") as log:  # the child keeps its own descriptor
+        proc = _popen_gateway(root, log, env, https_port, mqtt_port)
+
+    def ready() -> dict[str, Any] | None:
+        if proc.poll() is not None:
+            raise AssertionError(f"gateway exited {proc.returncode}: {log_path.read_text()}")
+        if not endpoints.exists():
+            return None
+        data: dict[str, Any] = json.loads(endpoints.read_text())
+        return data if data.get("pid") == proc.pid else None
+
+    data = wait_for(ready, timeout=30)
+    mqtt_port = int(data["mqtt"].rsplit(":", 1)[1])
+    return GatewayProcess(root, proc, data["https"], mqtt_port, log_path)
+
+
+def _popen_gateway(
+    root: Path, log: Any, env: dict[str, str] | None, https_port: int, mqtt_port: int
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
         [
             cli("gatepass-gateway"),
             "serve",
@@ -122,18 +140,6 @@ def start_gateway(
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
     )
-
-    def ready() -> dict[str, Any] | None:
-        if proc.poll() is not None:
-            raise AssertionError(f"gateway exited {proc.returncode}: {log_path.read_text()}")
-        if not endpoints.exists():
-            return None
-        data: dict[str, Any] = json.loads(endpoints.read_text())
-        return data if data.get("pid") == proc.pid else None
-
-    data = wait_for(ready, timeout=30)
-    mqtt_port = int(data["mqtt"].rsplit(":", 1)[1])
-    return GatewayProcess(root, proc, data["https"], mqtt_port, log_path)
 
 
 @contextlib.contextmanager

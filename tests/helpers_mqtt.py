@@ -32,7 +32,7 @@ __all__ = [
     "ISSUER",
     "Device",
     "MqttClient",
-    "TestPki",
+    "MqttPki",
     "default_acl",
     "make_pki",
     "wait_until",
@@ -73,7 +73,7 @@ class Device:
 
 
 @dataclass
-class TestPki:
+class MqttPki:
     """A device CA, a server certificate for 127.0.0.1/localhost, and a signing key."""
 
     directory: Path
@@ -100,13 +100,16 @@ class TestPki:
 
     def server_context(self, *, require_client_cert: bool = True) -> Any:
         return server_context(
-            self.server_cert, self.server_key, self.ca_file,
+            self.server_cert,
+            self.server_key,
+            self.ca_file,
             require_client_cert=require_client_cert,
         )
 
     def verifier(self, *keys: SigningKey) -> TokenVerifier:
-        return TokenVerifier(KeySet.of(*(keys or (self.signing_key,))),
-                             issuer=ISSUER, audience=AUDIENCE)
+        return TokenVerifier(
+            KeySet.of(*(keys or (self.signing_key,))), issuer=ISSUER, audience=AUDIENCE
+        )
 
     def token(
         self,
@@ -117,6 +120,7 @@ class TestPki:
         now: float | None = None,
         acl: Iterable[AclEntry] | None = None,
         key: SigningKey | None = None,
+        issuer: str = ISSUER,
     ) -> str:
         """A token for `device`, bound to its certificate unless `thumbprint` is given."""
         device_id = device if isinstance(device, str) else device.device_id
@@ -127,7 +131,7 @@ class TestPki:
             device_id=device_id,
             acl=default_acl(device_id) if acl is None else acl,
             cert_thumbprint=thumbprint,
-            issuer=ISSUER,
+            issuer=issuer,
             audience=AUDIENCE,
             lifetime=lifetime,
             now=time.time() if now is None else now,
@@ -135,7 +139,7 @@ class TestPki:
         return mint_access_token(claims, key or self.signing_key)
 
 
-def make_pki(directory: Path) -> TestPki:
+def make_pki(directory: Path) -> MqttPki:
     """Write a test CA and a server certificate under `directory`."""
     now = datetime.now(UTC)
     ca_cert, ca_key = create_ca(now)
@@ -145,7 +149,7 @@ def make_pki(directory: Path) -> TestPki:
     cert_file, key_file = directory / "server.pem", directory / "server.key"
     cert_file.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(private_key_pem(server_key))
-    return TestPki(directory, ca_file, cert_file, key_file, _ca=(ca_cert, ca_key))
+    return MqttPki(directory, ca_file, cert_file, key_file, _ca=(ca_cert, ca_key))
 
 
 class MqttClient:
@@ -158,7 +162,7 @@ class MqttClient:
 
     def __init__(
         self,
-        pki: TestPki,
+        pki: MqttPki,
         port: int,
         *,
         device: Device | None,
@@ -238,8 +242,9 @@ class MqttClient:
         return self
 
     async def connected(self, timeout: float = 5.0) -> MqttClient:
-        await wait_until(lambda: self.connack is not None or self.disconnected.is_set(),
-                         timeout, "CONNACK")
+        await wait_until(
+            lambda: self.connack is not None or self.disconnected.is_set(), timeout, "CONNACK"
+        )
         assert self.connack == 0, f"CONNACK {self.connack}, error {self.error!r}"
         return self
 
@@ -276,7 +281,7 @@ class MqttClient:
 
 
 def device_client(
-    pki: TestPki,
+    pki: MqttPki,
     port: int,
     device: Device,
     *,

@@ -32,7 +32,7 @@ def make_csr(
     key: SigningKey | None = None,
     subject: x509.Name | None = None,
     extensions: tuple[tuple[x509.ExtensionType, bool], ...] = (),
-    algorithm: hashes.HashAlgorithm | None = None,
+    algorithm: hashes.SHA256 | hashes.SHA384 | hashes.SHA512 | None = None,
 ) -> x509.CertificateSigningRequest:
     key = key or ec.generate_private_key(ec.SECP256R1())
     if subject is None:

@@ -75,7 +75,10 @@ def curl(
         cmd += ["--data-binary", f"@{data}"]
     proc = sh(*cmd, f"{gw.https_url}{path}")
     assert proc.returncode == 0, proc.stderr
-    head, _, body = proc.stdout.partition(b"\r\n\r\n")
+    out = proc.stdout
+    while out.startswith(b"HTTP/1.1 100"):  # interim answers to Expect: 100-continue
+        out = out.partition(b"\r\n\r\n")[2]
+    head, _, body = out.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     return status, body, head.decode("latin-1")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def add(registry: Registry, device_id: str = "dev-1", expires_at: float = T0 + D
 
 
 def count(path: Path, table: str) -> int:
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608
 
 
@@ -69,7 +70,7 @@ def count(path: Path, table: str) -> int:
 
 def test_schema_version_wal_and_foreign_keys(path: Path, registry: Registry) -> None:
     assert registry.schema_version() == len(MIGRATIONS) >= 1
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with pytest.raises(sqlite3.IntegrityError):
@@ -88,7 +89,7 @@ def test_migrations_are_idempotent(path: Path) -> None:
 
 def test_newer_schema_is_refused(path: Path) -> None:
     Registry.open(path).close()
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     with pytest.raises(RegistryError, match="newer"):
         Registry.open(path)
@@ -382,7 +383,7 @@ def test_audit_is_append_only(path: Path, registry: Registry) -> None:
     assert [e.outcome for e in entries] == ["ok", "issued", "refused"]
     assert entries[2].detail == "why" and entries[2].at == T0
     assert [e.outcome for e in registry.audit_entries(limit=1, device_id="dev-1")] == ["issued"]
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             conn.execute("UPDATE audit SET outcome = 'ok'")
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):

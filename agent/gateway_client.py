@@ -1,0 +1,233 @@
+"""HTTPS client for the gateway's EST and OAuth endpoints (stdlib `http.client`).
+
+Owns: the requests a device makes (`cacerts`, `simpleenroll`, `simplereenroll`,
+`/oauth2/token`), one kept-alive TLS connection per client (a token refresh must not
+pay a new mutual-TLS handshake), turning transport and HTTP failures into the agent's
+error tree, and measuring the gateway's clock from its `Date` header. Blocking: async
+callers run it in a worker thread. Must not: store anything on disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from agent.errors import ClockSkew, GatewayRefused, GatewayUnreachable, WrongSecret
+from shared.errors import PkiError
+from shared.pki import certs_from_pkcs7
+
+__all__ = ["MAX_CLOCK_SKEW", "GatewayClient", "Reply", "TokenGrant"]
+
+MAX_CLOCK_SKEW = 60.0
+MAX_RESPONSE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    body: bytes
+    clock_offset: float | None
+    """Gateway time minus local time, from the `Date` header (1 s resolution)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGrant:
+    access_token: str
+    expires_in: int
+    clock_offset: float | None
+
+
+class GatewayClient:
+    """Requests to one gateway over one TLS context; thread-safe, one request at a time."""
+
+    def __init__(self, base_url: str, context: ssl.SSLContext, timeout: float = 15.0) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise GatewayUnreachable(f"gateway URL must be https://HOST[:PORT], not {base_url!r}")
+        self._host = parts.hostname
+        self._port = parts.port or 443
+        self._context = context
+        self._timeout = timeout
+        self._conn: http.client.HTTPSConnection | None = None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    # --- EST ---------------------------------------------------------------------------
+
+    def cacerts(self) -> list[x509.Certificate]:
+        reply = self._request("GET", "/.well-known/est/cacerts")
+        return _certificates(reply)
+
+    def simpleenroll(
+        self, device_id: str, secret: str, csr: x509.CertificateSigningRequest
+    ) -> tuple[list[x509.Certificate], Reply]:
+        basic = base64.b64encode(f"{device_id}:{secret}".encode()).decode()
+        reply = self._request(
+            "POST",
+            "/.well-known/est/simpleenroll",
+            _csr_body(csr),
+            {"Content-Type": "application/pkcs10", "Authorization": f"Basic {basic}"},
+        )
+        if reply.status == 401:
+            raise WrongSecret(
+                "enrollment refused: wrong, used or expired secret, or unknown device id", 401
+            )
+        return _certificates(reply), reply
+
+    def simplereenroll(self, csr: x509.CertificateSigningRequest) -> list[x509.Certificate]:
+        reply = self._request(
+            "POST",
+            "/.well-known/est/simplereenroll",
+            _csr_body(csr),
+            {"Content-Type": "application/pkcs10"},
+        )
+        return _certificates(reply)
+
+    # --- OAuth -------------------------------------------------------------------------
+
+    def token(self, device_id: str) -> TokenGrant:
+        body = f"grant_type=client_credentials&client_id={device_id}".encode()
+        reply = self._request(
+            "POST",
+            "/oauth2/token",
+            body,
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        data = _json(reply)
+        if reply.status != 200:
+            code = str(data.get("error", "error"))
+            detail = str(data.get("error_description", ""))
+            raise GatewayRefused(f"token refused: {code} {detail}".strip(), reply.status, code)
+        try:
+            return TokenGrant(
+                str(data["access_token"]), int(data["expires_in"]), reply.clock_offset
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GatewayRefused("token response is malformed", reply.status) from exc
+
+    # --- transport ---------------------------------------------------------------------
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        with self._lock:
+            for attempt in (1, 2):
+                conn = self._connection()
+                try:
+                    conn.request(method, path, body=body, headers=headers or {})
+                    response = conn.getresponse()
+                    data = response.read(MAX_RESPONSE_BYTES)
+                    offset = _clock_offset(response.getheader("Date"))
+                    if response.getheader("Connection", "").lower() == "close":
+                        self._drop()
+                    return Reply(response.status, data, offset)
+                except ssl.SSLCertVerificationError as exc:
+                    self._drop()
+                    raise _verification_error(exc) from exc
+                except (
+                    http.client.RemoteDisconnected,
+                    BrokenPipeError,
+                    ConnectionResetError,
+                ) as exc:
+                    self._drop()  # a kept-alive connection the gateway closed: retry once
+                    if attempt == 2:
+                        raise GatewayUnreachable(f"gateway closed the connection: {exc}") from exc
+                except (OSError, http.client.HTTPException) as exc:
+                    self._drop()
+                    raise GatewayUnreachable(
+                        f"cannot reach the gateway at {self._host}:{self._port}: {_reason(exc)}"
+                    ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _connection(self) -> http.client.HTTPSConnection:
+        if self._conn is None:
+            self._conn = http.client.HTTPSConnection(
+                self._host, self._port, timeout=self._timeout, context=self._context
+            )
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _csr_body(csr: x509.CertificateSigningRequest) -> bytes:
+    return base64.encodebytes(csr.public_bytes(Encoding.DER))
+
+
+def _certificates(reply: Reply) -> list[x509.Certificate]:
+    if reply.status != 200:
+        reason = reply.body.decode("utf-8", "replace").strip()[:200]
+        raise GatewayRefused(f"gateway refused ({reply.status}): {reason}", reply.status)
+    try:
+        return certs_from_pkcs7(reply.body)
+    except PkiError as exc:
+        raise GatewayRefused(
+            f"gateway sent an unreadable certificate: {exc}", reply.status
+        ) from exc
+
+
+def _json(reply: Reply) -> dict[str, Any]:
+    try:
+        data = json.loads(reply.body)
+    except ValueError as exc:
+        raise GatewayRefused(f"gateway answered {reply.status} without JSON", reply.status) from exc
+    if not isinstance(data, dict):
+        raise GatewayRefused("gateway answered with unexpected JSON", reply.status)
+    return data
+
+
+def _clock_offset(date_header: str | None) -> float | None:
+    if not date_header:
+        return None
+    try:
+        return parsedate_to_datetime(date_header).timestamp() - time.time()
+    except (TypeError, ValueError):
+        return None
+
+
+def _verification_error(exc: ssl.SSLCertVerificationError) -> Exception:
+    message = str(exc.verify_message or exc)
+    if "not yet valid" in message or "expired" in message:
+        return ClockSkew(
+            f"cannot verify the gateway ({message}): this device's clock is probably wrong "
+            f"(it says {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}); set it (NTP)",
+            offset=float("nan"),
+        )
+    return GatewayUnreachable(
+        f"the gateway's certificate is not trusted by the given CA ({message})"
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, socket.timeout | TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return "unknown host"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed ({exc.reason or exc})"
+    return str(exc) or type(exc).__name__
