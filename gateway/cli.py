@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.config import load_settings
+from gateway.config import GatewaySettings, load_settings
 from gateway.enrollment_secrets import hash_secret, new_secret
 from gateway.errors import RegistryError
 from gateway.init import initialize
@@ -27,7 +27,7 @@ from gateway.keyring import retire_key_now, rotate_keys
 from gateway.registry import DeviceRecord, Registry, validate_device_id
 from gateway.signing_keys import active_kids
 from gateway.statedir import StateDir
-from shared.acl import rules_from_cli
+from shared.acl import AclRule, expand_placeholders, rules_from_cli
 from shared.errors import GatepassError
 
 __all__ = ["main"]
@@ -109,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--now", action="store_true", required=True, help="required: retire at once")
     _json(p)
     p.set_defaults(func=cmd_keys_retire)
+    _rabbitmq_parser(sub)
     return parser
 
 
@@ -169,6 +170,7 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     with registry:
         settings = load_settings(state.config)
         rules = rules_from_cli(args.pub, args.sub, args.deny)
+        _rabbitmq_check(settings, rules, args.device_id)
         secret = new_secret()
         now = time.time()
         expires = now + settings.enrollment_secret_ttl
@@ -273,6 +275,75 @@ def cmd_keys_retire(args: argparse.Namespace) -> int:
         registry.audit("key_retire", "ok", time.time(), source="cli", detail=args.kid)
     text = f"key {args.kid} retired" + (f"; new current key {new}" if new else "")
     _emit(args, {"retired": args.kid, "current": new}, text)
+    return 0
+
+
+# --- RabbitMQ profile (gateway/rabbitmq.py, docs/scaling-out.md) -----------------------------
+
+
+def _rabbitmq_parser(sub: Any) -> None:
+    group = sub.add_parser("rabbitmq", help="the RabbitMQ scale-out profile")
+    rsub = group.add_subparsers(required=True, metavar="ACTION")
+    p = rsub.add_parser("config", help="print rabbitmq.conf lines and write the key files")
+    _dir(p)
+    p.add_argument("--out", type=Path, default=None, help="key file directory (DIR/rabbitmq)")
+    p.set_defaults(func=cmd_rabbitmq_config)
+    p = rsub.add_parser("enforce", help="close expired, revoked and hijacked MQTT sessions")
+    _dir(p)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=cmd_rabbitmq_enforce)
+
+
+def _rabbitmq_check(settings: GatewaySettings, rules: Sequence[AclRule], device_id: str) -> None:
+    """With the profile on, refuse an ACL RabbitMQ could not enforce exactly."""
+    if settings.rabbitmq:
+        from gateway.rabbitmq import check_acl
+
+        check_acl(expand_placeholders(rules, device_id), device_id, vhost=settings.rabbitmq_vhost)
+
+
+def cmd_rabbitmq_config(args: argparse.Namespace) -> int:
+    from urllib.parse import urlsplit
+
+    from gateway.keyring import KeyRing
+    from gateway.rabbitmq import render_conf, render_enabled_plugins, write_key_files
+
+    state, registry = _open(args.dir)
+    with registry:
+        settings = load_settings(state.config)
+        ring = KeyRing.load(state, registry, time.time())
+    out = (args.out or state.root / "rabbitmq").resolve()
+    paths = write_key_files(out, ring.verifying)
+    management_port = urlsplit(settings.rabbitmq_management_url).port or 15672
+    print(
+        render_conf(
+            resource_server_id=settings.rabbitmq_resource_server_id,
+            key_files=paths,
+            mqtt_port=settings.rabbitmq_mqtt_port,
+            management_port=management_port,
+            vhost=settings.rabbitmq_vhost,
+        ),
+        end="",
+    )
+    print(f"## enabled_plugins: {render_enabled_plugins()}", end="")
+    print("## After 'keys rotate', re-run this command, copy the key files and add the new")
+    print("## key to every running node (no restart needed):")
+    for kid, path in paths.items():
+        print(f"##   rabbitmqctl -n NODE add_uaa_key {kid} --pem-file={path}")
+    print("## After 'keys retire KID --now', remove the key from every running node:")
+    print("##   rabbitmqctl -n NODE eval 'uaa_jwt:remove_signing_key(<<\"KID\">>).'")
+    if not settings.rabbitmq:
+        print("## note: 'rabbitmq = true' is not set in gateway.toml: tokens carry no scope yet")
+    return 0
+
+
+def cmd_rabbitmq_enforce(args: argparse.Namespace) -> int:
+    from gateway.rabbitmq_enforcer import run
+
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run(args.dir)
     return 0
 
 

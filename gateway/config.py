@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.errors import ConfigError
@@ -66,6 +66,22 @@ class GatewaySettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's values arrive as init kwargs; the environment must override them.
         return (env_settings, init_settings)
+
+    # --- RabbitMQ profile ---
+    # See gateway/rabbitmq.py and docs/scaling-out.md. With `rabbitmq` on, tokens also
+    # carry RabbitMQ `scope` and `aud` lists `rabbitmq_resource_server_id`.
+    rabbitmq: bool = False
+    rabbitmq_resource_server_id: str = Field(
+        default="gatepass", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
+    )
+    rabbitmq_vhost: str = Field(default="/", min_length=1)
+    rabbitmq_mqtt_port: int = Field(default=1883, ge=1, le=65535)
+    rabbitmq_management_url: str = Field(
+        default="http://127.0.0.1:15672", pattern=r"^https?://[^/?#]+$"
+    )
+    rabbitmq_management_user: str = Field(default="gatepass-enforcer", min_length=1)
+    rabbitmq_management_password: SecretStr = SecretStr("")
+    rabbitmq_enforce_interval_ms: int = Field(default=500, ge=100, le=5000)
 
 
 def load_settings(path: Path) -> GatewaySettings:
@@ -133,4 +149,22 @@ max_connections = 20000
 max_request_body = 16384
 # How often (milliseconds) the running gateway looks for registry changes made by the CLI.
 registry_poll_ms = 200
+
+# --- RabbitMQ profile (docs/scaling-out.md) ---
+# Issue tokens that a RabbitMQ 3.10+ cluster also accepts: they carry "scope" (the ACL
+# in RabbitMQ's form) and "aud" lists the resource server id as well. 'device add'
+# then refuses ACLs that RabbitMQ cannot enforce exactly.
+rabbitmq = false
+# RabbitMQ's auth_oauth2.resource_server_id (the scope prefix and the extra audience).
+rabbitmq_resource_server_id = "gatepass"
+# Virtual host and MQTT port of the RabbitMQ nodes (for 'gatepass-gateway rabbitmq config').
+rabbitmq_vhost = "/"
+rabbitmq_mqtt_port = 1883
+# Management API used by 'gatepass-gateway rabbitmq enforce' to close sessions.
+rabbitmq_management_url = "http://127.0.0.1:15672"
+rabbitmq_management_user = "gatepass-enforcer"
+# Better set GATEPASS_RABBITMQ_MANAGEMENT_PASSWORD in the environment than here.
+rabbitmq_management_password = ""
+# How often (milliseconds) the enforcer polls RabbitMQ.
+rabbitmq_enforce_interval_ms = 500
 """

@@ -52,6 +52,7 @@ from urllib.parse import quote
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.config import GatewaySettings
 from gateway.errors import ConfigError
 from shared.acl import AclRule, Action
 from shared.pki import write_file_atomic
@@ -72,6 +73,7 @@ __all__ = [
     "scope_claim",
     "scope_permits",
     "subscription_queues",
+    "token_claims",
     "translate_acl",
     "wildcard_match",
     "write_key_files",
@@ -256,6 +258,23 @@ def scope_claim(grant: Grant, resource_server_id: str) -> str:
     return " ".join(f"{resource_server_id}.{scope}" for scope in grant.scopes)
 
 
+def token_claims(
+    settings: GatewaySettings, device_id: str, acl: Sequence[AclRule]
+) -> tuple[str | tuple[str, ...], str | None]:
+    """`aud` and `scope` for a device token: with the profile off, (audience, None).
+
+    With it on, `aud` also names the resource server and `scope` grants what RabbitMQ
+    can express of the (expanded) ACL; rules it cannot express are left out (narrower;
+    `device add` refuses such ACLs up front, so this only bites older registrations).
+    """
+    if not settings.rabbitmq:
+        return settings.audience, None
+    rsid = settings.rabbitmq_resource_server_id
+    grant = translate_acl(acl, device_id, vhost=settings.rabbitmq_vhost, strict=False)
+    audience = (settings.audience,) if rsid == settings.audience else (settings.audience, rsid)
+    return audience, scope_claim(grant, rsid)
+
+
 # --- a model of RabbitMQ's matching (rabbit_oauth2_scope and wildcard, 3.10) --------------
 
 
@@ -394,8 +413,15 @@ def render_conf(
             "# ssl_options.verify = verify_peer",
             "# ssl_options.fail_if_no_peer_cert = true",
             f"management.tcp.port = {management_port}",
-            "## The enforcer sees new connections after at most this interval (ms).",
+            "## The enforcer sees a new connection in the management API after at most",
+            "## the smallest 'basic' sample interval (default 5 s; the profile needs 1 s).",
             f"collect_statistics_interval = {collect_statistics_ms}",
+            "management.sample_retention_policies.global.minute = 5",
+            "management.sample_retention_policies.global.hour = 60",
+            "management.sample_retention_policies.global.day = 1200",
+            "management.sample_retention_policies.basic.minute = 1",
+            "management.sample_retention_policies.basic.hour = 60",
+            "management.sample_retention_policies.detailed.10 = 5",
             "",
         ]
     )

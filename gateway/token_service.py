@@ -19,6 +19,7 @@ from gateway.config import GatewaySettings
 from gateway.errors import ClientError, OAuthError
 from gateway.keyring import KeyRing
 from gateway.metrics import GatewayMetrics
+from gateway.rabbitmq import token_claims as rabbitmq_token_claims
 from gateway.ratelimit import RateLimiter
 from gateway.registry import Registry
 from shared.acl import expand_placeholders
@@ -93,15 +94,15 @@ class TokenService:
         assert device is not None  # checked by _authenticate in the same request
         ring = self._keyring()
         not_after = cert.not_valid_after_utc.timestamp()
+        acl = expand_placeholders(device.acl, device_id)
+        audience, scope = rabbitmq_token_claims(self._settings, device_id, acl)
         claims = new_access_token_claims(
             device_id=device_id,
-            acl=[
-                AclEntry.model_validate(r.model_dump())
-                for r in expand_placeholders(device.acl, device_id)
-            ],
+            acl=[AclEntry.model_validate(r.model_dump()) for r in acl],
+            scope=scope,
             cert_thumbprint=x5t_s256(der),
             issuer=self._settings.issuer,
-            audience=self._settings.audience,
+            audience=audience,
             lifetime=self._settings.token_lifetime,
             now=now,
             not_after=not_after,
