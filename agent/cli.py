@@ -131,12 +131,17 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     result = enroll(args.state, args.gateway, args.ca, args.device_id, secret, args.mqtt)
     identity = result.identity
     if result.already_enrolled:
-        print(f"already enrolled as {identity.device_id}; certificate valid until "
-              f"{_iso(identity.not_after)}")
+        print(
+            f"already enrolled as {identity.device_id}; certificate valid until "
+            f"{_iso(identity.not_after)}"
+        )
         return 0
     if result.clock_offset is not None and abs(result.clock_offset) > 60:
-        print(f"warning: this device's clock differs from the gateway's by "
-              f"{result.clock_offset:+.0f} s; set it (NTP)", file=sys.stderr)
+        print(
+            f"warning: this device's clock differs from the gateway's by "
+            f"{result.clock_offset:+.0f} s; set it (NTP)",
+            file=sys.stderr,
+        )
     print(f"enrolled {identity.device_id}; certificate valid until {_iso(identity.not_after)}")
     return 0
 
@@ -155,10 +160,18 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.device import DeviceOptions, run_device
 
-    conf = settings(args.state, {"mqtt": args.mqtt, "interval": args.interval,
-                                 "count": args.count, "command": args.command})
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    conf = settings(
+        args.state,
+        {
+            "mqtt": args.mqtt,
+            "interval": args.interval,
+            "count": args.count,
+            "command": args.command,
+        },
+    )
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     identity = load_identity(args.state)
     try:
         options = DeviceOptions(
@@ -199,6 +212,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "outbox_dropped": dropped,
         "last_error": status.get("last_error"),
         "last_seq": status.get("last_seq"),
+        "connects": status.get("connects"),
     }
     if args.json:
         print(json.dumps(data, indent=2))

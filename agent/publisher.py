@@ -234,4 +234,3 @@ class Publisher:
 
     def _poke_cb(self, _: asyncio.Future[LinkClosed]) -> None:
         self._poke()
-

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from agent.gateway_client import MAX_CLOCK_SKEW, GatewayClient, TokenGrant
 
-__all__ = ["Token", "TokenKeeper", "backoff_delay", "refresh_delay", "redact"]
+__all__ = ["Token", "TokenKeeper", "backoff_delay", "redact", "refresh_delay"]
 
 REFRESH_FRACTION = 2 / 3
 REFRESH_JITTER = 0.1
@@ -47,7 +47,9 @@ def refresh_delay(lifetime: float, rng: random.Random) -> float:
     return min(lifetime * REFRESH_FRACTION * jitter, lifetime * 0.9)
 
 
-def backoff_delay(attempt: int, rng: random.Random, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
+def backoff_delay(
+    attempt: int, rng: random.Random, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP
+) -> float:
     """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
     return rng.uniform(0, min(cap, base * 2 ** max(0, attempt)))
 
@@ -64,7 +66,7 @@ class TokenKeeper:
     ) -> None:
         self._client = client
         self._device_id = device_id
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
+        self._rng = rng or random.Random()
         self._clock = clock
         self.clock_offset = 0.0
         self.current: Token | None = None

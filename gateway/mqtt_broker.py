@@ -23,24 +23,49 @@ override names the hole it closes and has a regression test in
                                    retained messages only for the session's own
                                    filters and only topics its ACL allows
       _retain_broadcast_message    bounded offline queue, oldest dropped first
+      hand_off (new)               a QoS 0/1 PUBLISH reaches every subscriber before
+                                   its PUBACK (amqtt queued it and PUBACKed at once)
     _GatepassHandler(BrokerProtocolHandler)
       handle_publish               ACL and expiry checked before PUBACK; refused
-                                   PUBLISH gets no PUBACK (deny_action decides close)
+                                   PUBLISH gets no PUBACK (deny_action decides close);
+                                   PUBACK only after `hand_off`
+      deliver (new)                write one PUBLISH now, QoS 1 kept in `inflight_out`
       handle_read_timeout          keep-alive: close after 1.5 x keep-alive (will sent)
       _handle_qos1_message_flow    outgoing QoS 1 stays in flight until PUBACK or
                                    disconnect, then is resent on resume (issue 401)
 
+Delivery and durability. amqtt PUBACKs a QoS 1 PUBLISH once it sits in an in-memory
+queue, before any subscriber has it: a gateway killed then loses messages the
+publisher has already deleted from its outbox. Here a QoS 0/1 PUBLISH skips amqtt's
+queues: `hand_off` writes it to the transport of every connected matching subscriber
+(QoS 1: also kept in that session's `inflight_out` until the subscriber's PUBACK,
+resent on resume), queues it for every offline persistent session, and only then is
+the PUBACK sent. So a message acknowledged to its publisher survives a SIGKILL of the
+gateway for every subscriber that was online. What is still NOT durable:
+  * messages queued for OFFLINE persistent sessions (and those in flight to a
+    subscriber that has disconnected) live in memory only: a killed or restarted
+    gateway loses them; so are retained messages and sessions themselves;
+  * bytes written but not yet taken by the kernel: when a subscriber lags, up to its
+    transport's write-buffer high-water mark (64 KiB by default) may be in process
+    memory when the PUBACK goes out (the hand-off drains each transport below that
+    mark first, so a slow subscriber slows its publishers: back-pressure);
+  * QoS 2 PUBLISHes keep amqtt's own flow (no device uses QoS 2).
+amqtt's MESSAGE_RECEIVED / MESSAGE_BROADCAST plugin events are not fired for QoS 0/1
+(this broker runs no amqtt plugins).
+
 Limits and overflow policy (`BrokerLimits`): packets over `max_packet_size` close the
 connection; connections beyond `max_connections` or faster than `connect_rate` get
-CONNACK 3; a session's incoming queue holds `max_incoming_queue` messages (QoS 0 beyond
-it is dropped and counted, QoS 1 waits, so PUBACK is delayed: back-pressure); a
-persistent session's offline queue holds `max_offline_queue` (oldest dropped, counted).
+CONNACK 3; at most `max_incoming_queue` PUBLISHes of one session are being handed off
+at once (QoS 0 beyond it is dropped and counted, QoS 1 waits, so PUBACK is delayed:
+back-pressure); a persistent session's offline queue holds `max_offline_queue`
+(oldest dropped, counted).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -56,11 +81,12 @@ from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
 from amqtt.errors import AMQTTError
 from amqtt.mqtt.connack import UNACCEPTABLE_PROTOCOL_VERSION, ConnackPacket
 from amqtt.mqtt.connect import ConnectPacket
-from amqtt.mqtt.constants import QOS_0
+from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.plugins.manager import PluginManager
-from amqtt.session import OUTGOING, ApplicationMessage, Session
+from amqtt.session import OUTGOING, ApplicationMessage, OutgoingApplicationMessage, Session
 from prometheus_client import CollectorRegistry
 
 from gateway.mqtt_metrics import MqttMetrics
@@ -266,30 +292,73 @@ class _GatepassHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self,
         plugins_manager: PluginManager[Any],
         connection: _Connection,
+        router: _GatepassAmqtt,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(plugins_manager, loop=loop)
         self._connection = connection
+        self._router = router
+        self._handing_off = asyncio.Semaphore(connection.broker.limits.max_incoming_queue)
 
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
-        """Hole: amqtt PUBACKs a PUBLISH before its topic check; check first."""
-        topic = publish_packet.topic_name
-        if topic is None:
+        """Holes: amqtt PUBACKs a PUBLISH before its topic check, and before any
+        subscriber has it (a crash then loses an acknowledged message). Check first;
+        hand the message to every subscriber; only then PUBACK (see `_GatepassAmqtt.hand_off`).
+        """
+        topic, data = publish_packet.topic_name, publish_packet.data
+        if topic is None or data is None or self.session is None:
             return
         try:
             self._connection.check_publish(topic)
         except PublishRefused as exc:
             self._connection.publish_refused(exc)
             return
-        session = self.session
-        if (
-            publish_packet.qos == QOS_0
-            and session is not None
-            and session.delivered_message_queue.full()
-        ):
+        qos = publish_packet.qos or QOS_0
+        if qos == QOS_2:  # amqtt's own flow: outside the hand-off promise (module docstring)
+            await super().handle_publish(publish_packet)
+            return
+        if qos == QOS_0 and self._handing_off.locked():
             self._connection.broker.metrics.messages_dropped.labels(queue="incoming").inc()
             return
-        await super().handle_publish(publish_packet)
+        async with self._handing_off:
+            await self._router.hand_off(self.session, topic, data, qos, publish_packet.retain_flag)
+        packet_id = publish_packet.packet_id
+        if qos == QOS_1 and packet_id is not None:
+            await self._send_packet(PubackPacket.build(packet_id))
+
+    def deliver(self, topic: str, data: bytes | bytearray, qos: int) -> _TlsWriter | None:
+        """Write one PUBLISH to this subscriber now; a QoS 1 one stays in `inflight_out`
+        until its PUBACK (resent on resume if the connection ends first).
+
+        Returns the writer to drain (back-pressure), or None if there is no connection.
+        """
+        session, writer = self.session, self.writer
+        if session is None or not isinstance(writer, _TlsWriter):
+            return None
+        packet_id = session.next_packet_id if qos else None
+        message = OutgoingApplicationMessage(packet_id, topic, qos, data, False)
+        packet = message.build_publish_packet()
+        message.publish_packet = packet
+        if packet_id is not None:
+            session.inflight_out[packet_id] = message
+            waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._puback_waiters[packet_id] = waiter
+            waiter.add_done_callback(functools.partial(self._acknowledged, session, message))
+        writer.write(packet.to_bytes())
+        return writer
+
+    def _acknowledged(
+        self, session: Session, message: OutgoingApplicationMessage, waiter: asyncio.Future[Any]
+    ) -> None:
+        """PUBACK received: forget the message. Cancelled (connection gone): keep it."""
+        packet_id = message.packet_id
+        if self._puback_waiters.get(packet_id) is waiter:
+            del self._puback_waiters[packet_id]
+        if waiter.cancelled():
+            return
+        message.puback_packet = waiter.result()
+        if session.inflight_out.get(packet_id) is message:
+            del session.inflight_out[packet_id]
 
     def handle_read_timeout(self) -> None:
         """Hole: amqtt never enforces keep-alive; close (the will is then published)."""
@@ -380,7 +449,7 @@ class _GatepassAmqtt(Broker):  # type: ignore[misc]
         connection, connect = writer.connection, writer.connect_packet
         if connect is None:
             raise AMQTTError("admitted connection lost its CONNECT")
-        handler = _GatepassHandler(self.plugins_manager, connection, loop=self._loop)
+        handler = _GatepassHandler(self.plugins_manager, connection, self, loop=self._loop)
         client_id = connection.state.client_id
         existing = self._sessions.get(client_id, (None, None))[0]
         if connect.clean_session_flag or existing is None:
@@ -454,6 +523,51 @@ class _GatepassAmqtt(Broker):  # type: ignore[misc]
             queue.get_nowait()
             self._owner.metrics.messages_dropped.labels(queue="offline").inc()
         await super()._retain_broadcast_message(broadcast, qos, target_session)
+
+    async def hand_off(
+        self, source: Session, topic: str, data: bytes | bytearray, qos: int, retain: bool
+    ) -> None:
+        """Hole: amqtt queued a PUBLISH for a later broadcast and PUBACKed it at once.
+
+        Here the message is, before this returns, written to every connected matching
+        subscriber (QoS 1: in its `inflight_out` too), queued for every offline
+        persistent session, and retained if asked; the transports are then drained
+        (back-pressure from slow subscribers reaches the publisher as a later PUBACK).
+        Delivered at min(publish QoS, subscription QoS) (MQTT-3.8.4-6).
+        """
+        writers: list[_TlsWriter] = []
+        for target, target_qos in self._targets(topic, qos):
+            if target.transitions.state == "connected":
+                handler = self._get_handler(target)
+                if isinstance(handler, _GatepassHandler):
+                    writer = handler.deliver(topic, data, target_qos)
+                    if writer is not None:
+                        writers.append(writer)
+            elif not target.clean_session and target_qos > QOS_0:
+                broadcast = {"session": source, "topic": topic, "data": data}
+                await self._retain_broadcast_message(broadcast, target_qos, target)
+        if retain:
+            await self.retain_message(source, topic, data, qos)
+        for writer in writers:
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await writer.drain()
+
+    def _targets(self, topic: str, qos: int) -> list[tuple[Session, int]]:
+        """(session, delivery QoS) for every subscription matching `topic` that may receive it."""
+        targets = []
+        for topic_filter, subscriptions in self._subscriptions.items():
+            if not self._matches(topic, topic_filter):
+                continue
+            for target, sub_qos in subscriptions:
+                state = _state_of(target)
+                if state is None:
+                    continue
+                try:
+                    check_receive(state, topic)
+                except AccessDenied:
+                    continue
+                targets.append((target, min(qos, sub_qos)))
+        return targets
 
 
 def _protocol_level(packet: bytes) -> int | None:

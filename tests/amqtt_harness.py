@@ -7,6 +7,7 @@ Only tests import this module. Waiting is on conditions with deadlines, never sl
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import paho.mqtt.client as paho
 from amqtt.broker import Broker
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-__all__ = ["AmqttBroker", "CutProxy", "Subscriber", "wait_until"]
+__all__ = ["AmqttBroker", "BrokerProcess", "CutProxy", "Subscriber", "wait_until"]
 
 
 class AmqttBroker:
@@ -66,6 +67,52 @@ class AmqttBroker:
     async def restart(self) -> None:
         await self.stop()
         await self.start()
+
+
+_BROKER_MAIN = """
+import asyncio, sys
+from amqtt.broker import Broker
+async def main():
+    broker = Broker({
+        "listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:" + sys.argv[1]}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    })
+    await broker.start()
+    print(broker._servers["default"].instance.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+class BrokerProcess:
+    """amqtt in a child process, so a test can SIGKILL it mid-stream and restart it.
+
+    (In-process, amqtt 0.12.1's graceful ``shutdown()`` can hang for a long time while
+    QoS 1 traffic is in flight; a kill is also the outage the agent must survive.)
+    """
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float = 30.0) -> int:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _BROKER_MAIN, str(self.port),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+        if not line:
+            raise RuntimeError("amqtt child exited before listening")
+        self.port = int(line)
+        self._proc = proc
+        return self.port
+
+    async def kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            await proc.wait()
 
 
 class CutProxy:

@@ -3,11 +3,14 @@
 Only tests (and the bench) import this module. Waiting is on conditions with deadlines
 (`wait_until`), never fixed sleeps. Each paho client is driven by its own thread
 calling `loop()`, with no automatic reconnect, so a test sees exactly what happened.
+`BrokerProcess` runs a `SecureBroker` in a child process so that a test can SIGKILL it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -30,6 +33,7 @@ from shared.tokens import TokenVerifier, mint_access_token, new_access_token_cla
 __all__ = [
     "AUDIENCE",
     "ISSUER",
+    "BrokerProcess",
     "Device",
     "MqttClient",
     "MqttPki",
@@ -215,7 +219,8 @@ class MqttClient:
     def _on_message(self, client: Any, userdata: Any, msg: paho.MQTTMessage) -> None:
         with self._lock:
             self.raw_messages.append(msg)
-            self.messages.append((msg.topic, msg.payload, msg.qos, msg.retain, bool(msg.dup)))
+            payload = bytes(msg.payload)
+            self.messages.append((msg.topic, payload, msg.qos, msg.retain, bool(msg.dup)))
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
         self.suback[mid] = [int(code.value) for code in codes]
@@ -250,8 +255,8 @@ class MqttClient:
 
     def subscribe(self, topic: str, qos: int = 1) -> int:
         result, mid = self.client.subscribe(topic, qos)
-        assert result == paho.MQTT_ERR_SUCCESS
-        return int(mid)
+        assert result == paho.MQTT_ERR_SUCCESS and mid is not None
+        return mid
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         return int(self.client.publish(topic, payload, qos=qos, retain=retain).mid)
@@ -307,3 +312,64 @@ def entries(*rules: Sequence[str]) -> tuple[AclEntry, ...]:
         AclEntry(permission=p, action=a, topic=t)  # type: ignore[arg-type]
         for p, a, t in rules
     )
+
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+_CHILD_MAIN = (
+    "import sys; from tests.helpers_mqtt import serve_in_child; serve_in_child(*sys.argv[1:])"
+)
+
+
+def serve_in_child(directory: str, port: str) -> None:
+    """Entry of `BrokerProcess`'s child: a SecureBroker on the PKI in `directory`."""
+    from gateway.mqtt_broker import SecureBroker
+
+    root = Path(directory)
+    keys = KeySet.from_jwks(json.loads((root / "jwks.json").read_text()))
+
+    async def main() -> None:
+        context = server_context(
+            root / "server.pem", root / "server.key", root / "ca.pem", require_client_cert=True
+        )
+        verifier = TokenVerifier(keys, issuer=ISSUER, audience=AUDIENCE)
+        async with SecureBroker(ssl_context=context, verifier=verifier, port=int(port)) as broker:
+            print(broker.port, flush=True)
+            await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+class BrokerProcess:
+    """A `SecureBroker` on `pki` in a child process, so that a test can SIGKILL it."""
+
+    def __init__(self, pki: MqttPki) -> None:
+        self.pki = pki
+        self.port = 0
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float = 30.0) -> int:
+        """Start the child and return its port once it listens (the same port on restart)."""
+        directory = self.pki.directory
+        jwks = KeySet.of(self.pki.signing_key).to_jwks()
+        (directory / "jwks.json").write_text(json.dumps(jwks))
+        with (directory / "broker.log").open("ab") as log:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _CHILD_MAIN, str(directory), str(self.port),
+                cwd=_REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=log,
+            )
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+        if not line:
+            await proc.wait()
+            log_text = (directory / "broker.log").read_text()
+            raise RuntimeError(f"broker child exited before listening:\n{log_text}")
+        self.port = int(line)
+        self._proc = proc
+        return self.port
+
+    async def kill(self) -> None:
+        """SIGKILL the child (no shutdown of any kind) and reap it."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            await proc.wait()

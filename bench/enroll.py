@@ -1,0 +1,319 @@
+"""Benchmark: EST enrollments per second against bare TLS handshakes, same server, same run.
+
+Starts a real `gatepass-gateway serve` subprocess in a temporary directory, registers
+`--devices` devices straight into its registry (`gateway.registry.Registry` with
+`gateway.enrollment_secrets.hash_secret`, as `device add` does; the running gateway reads
+the registry on every request), and makes one P-256 key and CSR per device. None of that
+is timed. Then, in `--rounds` interleaved rounds (the order alternates from round to
+round, so a drift in machine speed does not favour either side), it measures:
+
+* ``enrollments_per_s``: `POST /.well-known/est/simpleenroll` (HTTP Basic, base64 DER
+  CSR) each on a FRESH TLS connection (`Connection: close`, no keep-alive, no session
+  resumption), i.e. a full handshake + scrypt + CSR policy + issuing + two registry
+  commits + the PKCS#7 reply;
+* ``handshakes_per_s``: the same client code doing a full handshake and `GET /healthz`
+  on a fresh connection each: the cost floor of any new-connection request.
+
+Each figure is the median over rounds of (requests completed / wall time of the round).
+``ratio`` = enrollments_per_s / handshakes_per_s; the target is >= 0.7 (issue 3: the CA's
+work must not dominate the handshake). ``server_cpu_ms_per_op`` is the gateway process's
+own CPU time (user + system, from /proc; scrypt threads included) per request, median
+over rounds: it does not depend on how busy the clients keep the machine.
+
+Client design: the gateway is one asyncio process, so it can use one core at most. A
+single synchronous client would leave it idle during the client's own half of every
+handshake (~1 ms of client CPU: ECDHE, verifying the server's chain), so the rate would
+measure latency, not capacity. The clients therefore run in a pool of `--workers`
+processes (default 3; processes, not threads, because `http.client` and the request
+building hold the GIL), each doing fresh connections back to back, so that 3 requests
+are in flight and the server always has a handshake to work on. On a 2-core machine the
+server gets about one core and the clients share the other; more workers would only
+make the clients compete with the server for CPU. Both sides of the ratio are measured
+by the same pool and code, so client cost weighs on both alike.
+
+Run: ``.venv/bin/python bench/enroll.py`` (about 15 s on 2 cores). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import multiprocessing
+import os
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.pool import Pool
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for tests.gatewayproc (tests/ is not an installed package)
+
+from gateway.enrollment_secrets import hash_secret, new_secret  # noqa: E402
+from gateway.registry import Registry  # noqa: E402
+from gateway.tls import client_context  # noqa: E402
+from shared.acl import default_rules  # noqa: E402
+from shared.pki import build_csr, certs_from_pkcs7, generate_p256_key  # noqa: E402
+from tests.gatewayproc import GatewayProcess, init_gateway, start_gateway  # noqa: E402
+
+__all__ = ["EnrollJob", "main"]
+
+ENROLL_PATH = "/.well-known/est/simpleenroll"
+HEALTH_PATH = "/healthz"
+TIMEOUT_S = 15.0
+# The bench measures capacity, not the rate limits: lift them far out of reach.
+UNLIMITED_ENV = {
+    "GATEPASS_TOKEN_RATE_PER_MINUTE": "1000000000",
+    "GATEPASS_TOKEN_BURST": "1000000000",
+    "GATEPASS_FAILURE_RATE_PER_MINUTE": "1000000000",
+    "GATEPASS_FAILURE_BURST": "1000000000",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollJob:
+    """One prepared enrollment: the Basic credentials and the base64 DER CSR body."""
+
+    device_id: str
+    authorization: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkResult:
+    ok: int
+    failed: int
+    first_failure: str | None
+    sample_body: bytes | None
+
+
+# --- client worker processes ---------------------------------------------------------
+
+_ctx: ssl.SSLContext | None = None
+_address: tuple[str, int] = ("127.0.0.1", 0)
+
+
+def _init_worker(ca_file: str, host: str, port: int) -> None:
+    global _ctx, _address
+    _ctx = client_context(Path(ca_file))
+    _address = (host, port)
+
+
+def _request(
+    method: str, path: str, body: bytes | None, headers: dict[str, str]
+) -> tuple[int, bytes]:
+    """One request on a fresh TLS connection, closed afterwards (full handshake each)."""
+    conn = http.client.HTTPSConnection(*_address, context=_ctx, timeout=TIMEOUT_S)
+    try:
+        conn.request(method, path, body=body, headers={**headers, "Connection": "close"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _run_chunk(call: Callable[[int], tuple[int, bytes]], count: int) -> ChunkResult:
+    ok = failed = 0
+    first_failure: str | None = None
+    sample: bytes | None = None
+    for i in range(count):
+        try:
+            status, data = call(i)
+        except OSError as exc:
+            status, data = 0, repr(exc).encode()
+        if status == 200:
+            ok += 1
+            sample = sample or data
+        else:
+            failed += 1
+            first_failure = first_failure or f"{status}: {data[:200]!r}"
+    return ChunkResult(ok, failed, first_failure, sample)
+
+
+def _enroll_chunk(jobs: Sequence[EnrollJob]) -> ChunkResult:
+    def call(i: int) -> tuple[int, bytes]:
+        job = jobs[i]
+        headers = {"Authorization": job.authorization, "Content-Type": "application/pkcs10"}
+        return _request("POST", ENROLL_PATH, job.body, headers)
+
+    return _run_chunk(call, len(jobs))
+
+
+def _handshake_chunk(count: int) -> ChunkResult:
+    return _run_chunk(lambda i: _request("GET", HEALTH_PATH, None, {}), count)
+
+
+# --- measuring -----------------------------------------------------------------------
+
+
+def server_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process `pid` (all its threads), or None off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    rate: float
+    cpu_ms_per_op: float | None
+
+
+def timed_round(
+    pool: Pool, func: Callable[..., ChunkResult], chunks: list[object], pid: int
+) -> tuple[Sample, bytes | None]:
+    """Run `func` on every chunk in the pool; requests per second of wall time."""
+    cpu_before = server_cpu_seconds(pid)
+    started = time.perf_counter()
+    results = pool.map(func, chunks, chunksize=1)
+    elapsed = time.perf_counter() - started
+    cpu_after = server_cpu_seconds(pid)
+    ok = sum(r.ok for r in results)
+    failed = sum(r.failed for r in results)
+    if failed:
+        first = next(r.first_failure for r in results if r.first_failure)
+        raise RuntimeError(f"{failed} of {ok + failed} requests failed; first: {first}")
+    cpu = None
+    if cpu_before is not None and cpu_after is not None:
+        cpu = (cpu_after - cpu_before) / ok * 1e3
+    sample = next((r.sample_body for r in results if r.sample_body), None)
+    return Sample(ok / elapsed, cpu), sample
+
+
+def split(items: Sequence[EnrollJob], parts: int) -> list[list[EnrollJob]]:
+    return [list(items[i::parts]) for i in range(parts)]
+
+
+def median_or_none(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 3) if present else None
+
+
+# --- set-up (not timed) --------------------------------------------------------------
+
+
+def register_devices(database: Path, count: int, prefix: str) -> list[tuple[str, str]]:
+    """Add `count` devices with fresh one-time secrets, as `device add` would."""
+    devices = []
+    now = time.time()
+    with Registry.open(database) as registry:
+        for i in range(count):
+            device_id, secret = f"{prefix}-{i:05d}", new_secret()
+            registry.add_device(device_id, default_rules(), hash_secret(secret), now + 3600, now)
+            devices.append((device_id, secret))
+    return devices
+
+
+def prepare_jobs(devices: Sequence[tuple[str, str]]) -> list[EnrollJob]:
+    jobs = []
+    for device_id, secret in devices:
+        der = build_csr(generate_p256_key(), device_id).public_bytes(serialization.Encoding.DER)
+        basic = base64.b64encode(f"{device_id}:{secret}".encode()).decode("ascii")
+        jobs.append(EnrollJob(device_id, f"Basic {basic}", base64.b64encode(der)))
+    return jobs
+
+
+def check_reply(body: bytes | None, device_id_prefix: str) -> None:
+    """Outside timing: a sampled reply is a PKCS#7 with a certificate for one of ours."""
+    if body is None:
+        raise RuntimeError("no enrollment reply to check")
+    subjects = [cert.subject.rfc4514_string() for cert in certs_from_pkcs7(body)]
+    if not any(s.startswith(f"CN={device_id_prefix}-") for s in subjects):
+        raise RuntimeError(f"no device certificate in the reply: {subjects}")
+
+
+# --- the bench -----------------------------------------------------------------------
+
+
+def bench(
+    gw: GatewayProcess, jobs: list[EnrollJob], rounds: int, workers: int, prefix: str
+) -> dict[str, object]:
+    host = "127.0.0.1"
+    warmup_jobs, jobs = jobs[:workers], jobs[workers:]
+    per_round = len(jobs) // rounds
+    pid = gw.proc.pid
+    enroll_samples: list[Sample] = []
+    handshake_samples: list[Sample] = []
+    ctx = multiprocessing.get_context()
+    with ctx.Pool(workers, _init_worker, (str(gw.ca), host, gw.https_port)) as pool:
+        # Warm up both paths (worker start-up, imports, server caches) before timing.
+        timed_round(pool, _enroll_chunk, list(split(warmup_jobs, workers)), pid)
+        timed_round(pool, _handshake_chunk, [max(1, per_round // workers)] * workers, pid)
+        sample_body: bytes | None = None
+        for r in range(rounds):
+            batch = jobs[r * per_round : (r + 1) * per_round]
+            enroll_chunks: list[object] = list(split(batch, workers))
+            hs_chunks: list[object] = [len(c) for c in split(batch, workers)]
+            if r % 2 == 0:
+                enroll, sample_body = timed_round(pool, _enroll_chunk, enroll_chunks, pid)
+                handshake, _ = timed_round(pool, _handshake_chunk, hs_chunks, pid)
+            else:
+                handshake, _ = timed_round(pool, _handshake_chunk, hs_chunks, pid)
+                enroll, sample_body = timed_round(pool, _enroll_chunk, enroll_chunks, pid)
+            enroll_samples.append(enroll)
+            handshake_samples.append(handshake)
+    check_reply(sample_body, prefix)
+    enroll_rate = statistics.median(s.rate for s in enroll_samples)
+    handshake_rate = statistics.median(s.rate for s in handshake_samples)
+    return {
+        "enrollments_per_s": round(enroll_rate, 1),
+        "handshakes_per_s": round(handshake_rate, 1),
+        "ratio": round(enroll_rate / handshake_rate, 3),
+        "target_ratio": 0.7,
+        "server_cpu_ms_per_op": {
+            "enrollment": median_or_none([s.cpu_ms_per_op for s in enroll_samples]),
+            "handshake_healthz": median_or_none([s.cpu_ms_per_op for s in handshake_samples]),
+        },
+        "rounds_enrollments_per_s": [round(s.rate, 1) for s in enroll_samples],
+        "rounds_handshakes_per_s": [round(s.rate, 1) for s in handshake_samples],
+        "n": per_round * rounds,
+        "per_round": per_round,
+        "rounds": rounds,
+        "workers": workers,
+        "cpus": os.cpu_count(),
+        "tls": "fresh connection per request, full handshake, no resumption",
+    }
+
+
+def stop_gateway(gw: GatewayProcess) -> None:
+    """SIGTERM (the gateway drains and exits), SIGKILL if it has not within 10 s."""
+    try:
+        gw.stop(timeout=10)
+    except subprocess.TimeoutExpired:
+        gw.proc.kill()
+        gw.proc.wait(timeout=10)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--devices", type=int, default=600, help="enrollments in all rounds")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=3, help="client processes")
+    args = parser.parse_args(argv)
+    prefix = "bench"
+    with tempfile.TemporaryDirectory(prefix="gatepass-bench-enroll-") as tmp:
+        root = init_gateway(Path(tmp) / "gw")
+        count = args.devices + args.workers
+        jobs = prepare_jobs(register_devices(root / "gateway.db", count, prefix))
+        gw = start_gateway(root, env=UNLIMITED_ENV)
+        try:
+            result = bench(gw, jobs, args.rounds, args.workers, prefix)
+        finally:
+            stop_gateway(gw)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
