@@ -89,6 +89,7 @@ class Device:
         *,
         on_command: Callable[[InboundMessage], None] | None = None,
         on_ack: Callable[[OutboxMessage, float], None] | None = None,
+        on_connected: Callable[[float], None] | None = None,
         outbox: Outbox | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -100,6 +101,7 @@ class Device:
         self.stats = DeviceStats()
         self._rng = rng or random.Random()
         self._on_command = on_command
+        self._on_connected = on_connected
         self.outbox = outbox or Outbox.open(
             identity.layout.outbox,
             options.outbox_max_messages,
@@ -190,6 +192,7 @@ class Device:
     async def _connect(self) -> None:
         token = self.tokens.current
         assert token is not None
+        started = time.monotonic()
         try:
             await self.link.connect(
                 self.host,
@@ -206,6 +209,8 @@ class Device:
                 self.tokens.current = None  # fetch a new one before trying again
             raise
         self.stats.connects += 1
+        if self._on_connected is not None:  # seconds for TCP + TLS + CONNACK
+            self._on_connected(time.monotonic() - started)
         await self.link.subscribe(f"devices/{self.device_id}/commands/#", 1)
         self.connected.set()
 

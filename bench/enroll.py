@@ -36,27 +36,33 @@ Run: ``.venv/bin/python bench/enroll.py`` (about 15 s on 2 cores). Prints one JS
 
 from __future__ import annotations
 
-import argparse
-import base64
-import http.client
-import json
-import multiprocessing
 import os
-import ssl
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from multiprocessing.pool import Pool
-from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
+# `python bench/enroll.py` puts bench/ first on the import path, where bench/token.py
+# would shadow the stdlib `token` module (imported by `inspect`, hence dataclasses,
+# pydantic, ...): take bench/ off the path before anything imports it, and put the
+# repository root there instead (for tests.gatewayproc; tests/ is not installed).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # for tests.gatewayproc (tests/ is not an installed package)
+import argparse  # noqa: E402
+import base64  # noqa: E402
+import http.client  # noqa: E402
+import json  # noqa: E402
+import multiprocessing  # noqa: E402
+import ssl  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from multiprocessing.pool import Pool  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 from gateway.enrollment_secrets import hash_secret, new_secret  # noqa: E402
 from gateway.registry import Registry  # noqa: E402

@@ -780,8 +780,10 @@ class SecureBroker:
         await self._take_over(state.client_id)
         if state.device_id in self._revoked or state.kid in self._retired:
             # Revoked or retired while the previous connection was being taken over.
-            reason = RefusalReason.revoked if state.device_id in self._revoked else (
-                RefusalReason.key_retired
+            reason = (
+                RefusalReason.revoked
+                if state.device_id in self._revoked
+                else (RefusalReason.key_retired)
             )
             self.metrics.connects.labels(outcome="refused", reason=reason.value).inc()
             await self._connack(tls_writer, CONNACK_NOT_AUTHORIZED)

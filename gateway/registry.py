@@ -350,8 +350,10 @@ class Registry:
                 (device_id,),
             )
 
-    def complete_enrollment(self, device_id: str, cert: x509.Certificate, now: float) -> None:
-        """Use the secret, store `cert` and mark the device enrolled, all or nothing.
+    def complete_enrollment(
+        self, device_id: str, cert: x509.Certificate, now: float, *, source: str | None = None
+    ) -> None:
+        """Use the secret, store `cert`, mark the device enrolled and audit it, all or nothing.
 
         The secret is consumed only if it is unused and `expires_at > now`; otherwise
         `Unauthorized` is raised, so of two concurrent enrollments only one succeeds.
@@ -365,17 +367,22 @@ class Registry:
             _use_secret(conn, device_id, now)
             _insert_certificate(conn, record)
             _set_status(conn, device_id, new_status, now)
+            _audit(conn, now, "enroll", "issued", device_id, source, f"serial {record.serial}")
 
-    def add_certificate(self, device_id: str, cert: x509.Certificate, now: float) -> None:
-        """Store a re-enrollment certificate for an enrolled device (all or nothing).
+    def add_certificate(
+        self, device_id: str, cert: x509.Certificate, now: float, *, source: str | None = None
+    ) -> None:
+        """Store and audit a re-enrollment certificate for an enrolled device (all or nothing).
 
-        Earlier certificates stay valid until they expire or the device is revoked.
+        The newest unrevoked certificate is the device's current one; the token and
+        re-enrollment endpoints accept only that one (see `current_certificate`).
         """
         record = _cert_record(cert, device_id, now)
         with self._write() as conn:
             status = _require_status(conn, device_id)
             _set_status(conn, device_id, next_status(status, "reenroll"), now)
             _insert_certificate(conn, record)
+            _audit(conn, now, "reenroll", "issued", device_id, source, f"serial {record.serial}")
 
     # -- certificates -----------------------------------------------------------------
 

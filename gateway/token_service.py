@@ -21,7 +21,7 @@ from gateway.keyring import KeyRing
 from gateway.metrics import GatewayMetrics
 from gateway.rabbitmq import token_claims as rabbitmq_token_claims
 from gateway.ratelimit import RateLimiter
-from gateway.registry import Registry
+from gateway.registry import DeviceRecord, Registry
 from shared.acl import expand_placeholders
 from shared.claims import AclEntry
 from shared.errors import PkiError
@@ -55,10 +55,10 @@ class TokenService:
         now = self._clock()
         try:
             self._failures_by_source.ensure_available(source, now)
-            device_id, cert = self._authenticate(peer_der, now)
-            _check_request(form, device_id)
-            self._per_device.check(device_id, now)
-            response = self._mint(device_id, cert, peer_der or b"", now)
+            device, cert = self._authenticate(peer_der, now)
+            _check_request(form, device.id)
+            self._per_device.check(device.id, now)
+            response = self._mint(device, cert, peer_der or b"", now)
         except ClientError as exc:
             self._refused(exc, source, now)
             raise
@@ -66,7 +66,9 @@ class TokenService:
         self._metrics.token_latency.observe(time.perf_counter() - started)
         return response
 
-    def _authenticate(self, peer_der: bytes | None, now: float) -> tuple[str, x509.Certificate]:
+    def _authenticate(
+        self, peer_der: bytes | None, now: float
+    ) -> tuple[DeviceRecord, x509.Certificate]:
         if not peer_der:
             raise OAuthError("invalid_client", "client certificate required", "no certificate")
         try:
@@ -85,13 +87,12 @@ class TokenService:
         current = self._registry.current_certificate(record.device_id)
         if current is None or current.fingerprint_sha256 != record.fingerprint_sha256:
             raise OAuthError("invalid_client", "certificate superseded", "superseded cert")
-        return record.device_id, cert
+        return device, cert
 
     def _mint(
-        self, device_id: str, cert: x509.Certificate, der: bytes, now: float
+        self, device: DeviceRecord, cert: x509.Certificate, der: bytes, now: float
     ) -> dict[str, Any]:
-        device = self._registry.get_device(device_id)
-        assert device is not None  # checked by _authenticate in the same request
+        device_id = device.id
         ring = self._keyring()
         not_after = cert.not_valid_after_utc.timestamp()
         acl = expand_placeholders(device.acl, device_id)

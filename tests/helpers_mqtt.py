@@ -354,8 +354,14 @@ class BrokerProcess:
         (directory / "jwks.json").write_text(json.dumps(jwks))
         with (directory / "broker.log").open("ab") as log:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", _CHILD_MAIN, str(directory), str(self.port),
-                cwd=_REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=log,
+                sys.executable,
+                "-c",
+                _CHILD_MAIN,
+                str(directory),
+                str(self.port),
+                cwd=_REPO_ROOT,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
             )
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), timeout)
