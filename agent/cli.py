@@ -213,6 +213,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "last_error": status.get("last_error"),
         "last_seq": status.get("last_seq"),
         "connects": status.get("connects"),
+        "token_refreshes": status.get("token_refreshes"),
+        "cert_renewals": status.get("cert_renewals"),
     }
     if args.json:
         print(json.dumps(data, indent=2))

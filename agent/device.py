@@ -303,6 +303,8 @@ class Device:
             "last_error": self.stats.last_error,
             "last_seq": self.outbox.last_seq,
             "connects": self.stats.connects,
+            "token_refreshes": self.stats.token_refreshes,
+            "cert_renewals": self.stats.cert_renewals,
         }
         with contextlib.suppress(OSError):
             write_file_atomic(self.identity.layout.status, json.dumps(status).encode(), 0o600)

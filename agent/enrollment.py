@@ -84,9 +84,9 @@ def renew_certificate(identity: DeviceIdentity, client: GatewayClient) -> Device
 
 
 def renewal_due(identity: DeviceIdentity, now: float) -> float:
-    """When the certificate should be renewed: two thirds into its life."""
-    life = identity.not_after - identity.not_before
-    return identity.not_before + life * RENEW_AT_FRACTION - now
+    """Seconds until renewal: two thirds into the life left when the certificate arrived."""
+    start = max(identity.not_before, min(identity.received_at, identity.not_after))
+    return start + (identity.not_after - start) * RENEW_AT_FRACTION - now
 
 
 def _existing(state_dir: Path, device_id: str, gateway_url: str) -> DeviceIdentity | None:

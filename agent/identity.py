@@ -90,6 +90,9 @@ class DeviceIdentity:
     mqtt_url: str | None
     certificate: x509.Certificate
     key: ec.EllipticCurvePrivateKey
+    received_at: float
+    """When the certificate was installed here (its file's mtime). The gateway backdates
+    `notBefore` for clock skew, so the usable life is counted from receipt."""
 
     @property
     def not_before(self) -> float:
@@ -167,6 +170,7 @@ def load_identity(root: Path) -> DeviceIdentity:
         gateway_url = str(settings["gateway_url"])
         mqtt_url = settings.get("mqtt_url")
         cert = load_certificate(layout.cert.read_bytes())
+        received_at = layout.cert.stat().st_mtime
         key = load_private_key(layout.key.read_bytes())
         load_certificate(layout.ca.read_bytes())
     except (OSError, ValueError, KeyError, TypeError, PkiError) as exc:
@@ -175,7 +179,7 @@ def load_identity(root: Path) -> DeviceIdentity:
         check_certificate_fits(cert, key, device_id)
     except CertificateMismatch as exc:
         raise StateError(f"{root}: state directory is inconsistent ({exc})") from exc
-    return DeviceIdentity(layout, device_id, gateway_url, mqtt_url, cert, key)
+    return DeviceIdentity(layout, device_id, gateway_url, mqtt_url, cert, key, received_at)
 
 
 def _swap_symlink(link: Path, target: Path) -> None:

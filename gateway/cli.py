@@ -155,11 +155,14 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.eventloop import install_event_loop_policy
     from gateway.server import serve  # the gateway's heavy imports only where needed
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    loop = install_event_loop_policy()
+    logging.getLogger("gatepass.server").info("event loop: %s", loop)
     asyncio.run(serve(args.dir, args.https_port, args.mqtt_port))
     return 0
 

@@ -44,7 +44,7 @@ the PUBACK sent. So a message acknowledged to its publisher survives a SIGKILL o
 gateway for every subscriber that was online. What is still NOT durable:
   * messages queued for OFFLINE persistent sessions (and those in flight to a
     subscriber that has disconnected) live in memory only: a killed or restarted
-    gateway loses them; so are retained messages and sessions themselves;
+    gateway loses them, as it loses retained messages and the sessions themselves;
   * bytes written but not yet taken by the kernel: when a subscriber lags, up to its
     transport's write-buffer high-water mark (64 KiB by default) may be in process
     memory when the PUBACK goes out (the hand-off drains each transport below that

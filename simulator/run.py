@@ -28,7 +28,12 @@ from agent.enrollment import enroll
 from shared.acl import rules_from_cli
 from simulator.console import PhaseProgress
 from simulator.fleet import Fleet, FleetOptions, wait_until
-from simulator.gateway_process import Gateway, embedded_gateway, existing_gateway
+from simulator.gateway_process import (
+    Gateway,
+    GatewayError,
+    embedded_gateway,
+    existing_gateway,
+)
 from simulator.ledger import DeliveryLedger
 from simulator.metrics import Metrics
 from simulator.report import DeviceCounts, build_report, environment, process_usage
@@ -165,7 +170,10 @@ async def _start_verifier(
         await asyncio.wait_for(verifier.subscribed.wait(), VERIFIER_READY_TIMEOUT_S)
     except TimeoutError:
         await verifier.stop()
-        raise
+        raise GatewayError(
+            f"the verifying subscriber could not subscribe within {VERIFIER_READY_TIMEOUT_S:.0f} s"
+            f" ({dict(verifier.stats.errors) or 'no error'})"
+        ) from None
     return verifier
 
 

@@ -213,3 +213,22 @@ def test_short_token_lifetime_refreshes_without_loss(tmp_path: Path) -> None:
         )
         assert status["outbox_depth"] == 0
         assert status["connects"] >= 5  # a 10 s token over 60 s: several reconnects
+
+
+def test_certificate_renewed_during_a_run_without_a_gap(tmp_path: Path) -> None:
+    # 43 s certificates: the agent renews about 29 s after enrollment, mid-run.
+    root = init_gateway(tmp_path / "gw", "cert_validity_days = 0.0005", "token_burst = 50")
+    with running_gateway(root) as gw:
+        state = tmp_path / "agent"
+        enroll_agent(gw, state, "ag-renew")
+        first_serial = (state / "identity").resolve().name
+        with Collector(gw, tmp_path) as sub:
+            rc, output = finish(agent_run(state, "--interval", "0.1", "--count", "400"), 120)
+            assert rc == 0, output
+            wait_for(lambda: sub.has_all("ag-renew", 400), timeout=30)
+        status = json.loads(
+            run_cli("gatepass-agent", "status", "--state", str(state), "--json").stdout
+        )
+        assert status["cert_renewals"] >= 1
+        assert (state / "identity").resolve().name != first_serial
+        assert len(list((state / "ids").iterdir())) == 1  # the old key is gone
