@@ -76,7 +76,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from amqtt.adapters import BufferReader, ReaderAdapter, WriterAdapter
-from amqtt.broker import Broker
+from amqtt.broker import AMQTT_MAGIC_VALUE_RET_SUBSCRIBED, Broker
 from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
 from amqtt.errors import AMQTTError
 from amqtt.mqtt.connack import UNACCEPTABLE_PROTOCOL_VERSION, ConnackPacket
@@ -86,7 +86,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.plugins.manager import PluginManager
-from amqtt.session import OUTGOING, ApplicationMessage, OutgoingApplicationMessage, Session
+from amqtt.session import OUTGOING, OutgoingApplicationMessage, Session
 from prometheus_client import CollectorRegistry
 
 from gateway.mqtt_metrics import MqttMetrics
@@ -109,6 +109,15 @@ from gateway.mqtt_policy import (
     check_receive,
     check_subscribe,
 )
+from gateway.mqtt_sessions import (
+    SessionStore,
+    SessionStoreError,
+    StoredSession,
+    Subscription,
+    is_durable,
+    regrant,
+    restored_state,
+)
 from shared.errors import AccessDenied
 from shared.pki import x5t_s256
 from shared.tokens import TokenVerifier
@@ -123,6 +132,10 @@ KEEPALIVE_FACTOR: Final = 1.5
 EXPIRY_TICK_SECONDS: Final = 0.1
 TAKEOVER_WAIT_SECONDS: Final = 5.0
 _STATE_KEY: Final = "gatepass.session"
+_ROWS_KEY: Final = "gatepass.stored_rows"
+"""session.attributes: packet id -> store row of an in-flight message that is on disk."""
+SESSION_SWEEP_SECONDS: Final = 60.0
+"""How often offline sessions past their idle expiry are forgotten (with a store)."""
 _NOISY_LOGGERS: Final = ("amqtt", "transitions")
 _CONNECT_PACKET: Final = 0x10
 _MAX_LENGTH_BYTES: Final = 4
@@ -147,6 +160,16 @@ class BrokerLimits:
             raise ValueError("limits must be positive")
         if min(self.max_incoming_queue, self.max_offline_queue) < 1:
             raise ValueError("queue bounds must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    """A message in an offline session's queue; `row` names its copy in the store."""
+
+    topic: str
+    data: bytes | bytearray
+    qos: int
+    row: int | None = None
 
 
 class _PacketTooLarge(Exception):
@@ -285,6 +308,12 @@ def _state_of(session: Session) -> SessionState | None:
     return state if isinstance(state, SessionState) else None
 
 
+def _rows_of(session: Session) -> dict[int, int]:
+    rows = session.attributes.setdefault(_ROWS_KEY, {})
+    assert isinstance(rows, dict)
+    return rows
+
+
 class _GatepassHandler(BrokerProtocolHandler):  # type: ignore[misc]
     """amqtt's per-connection protocol handler with the packet-level holes closed."""
 
@@ -321,14 +350,25 @@ class _GatepassHandler(BrokerProtocolHandler):  # type: ignore[misc]
             self._connection.broker.metrics.messages_dropped.labels(queue="incoming").inc()
             return
         async with self._handing_off:
-            await self._router.hand_off(self.session, topic, data, qos, publish_packet.retain_flag)
+            try:
+                await self._router.hand_off(
+                    self.session, topic, data, qos, publish_packet.retain_flag
+                )
+            except SessionStoreError:
+                # Not queued for an offline session: no PUBACK; the client resends.
+                _log.exception("session store write failed; PUBLISH not acknowledged")
+                self._connection.close(CloseReason.shutdown)
+                return
         packet_id = publish_packet.packet_id
         if qos == QOS_1 and packet_id is not None:
             await self._send_packet(PubackPacket.build(packet_id))
 
-    def deliver(self, topic: str, data: bytes | bytearray, qos: int) -> _TlsWriter | None:
+    def deliver(
+        self, topic: str, data: bytes | bytearray, qos: int, row: int | None = None
+    ) -> _TlsWriter | None:
         """Write one PUBLISH to this subscriber now; a QoS 1 one stays in `inflight_out`
-        until its PUBACK (resent on resume if the connection ends first).
+        until its PUBACK (resent on resume if the connection ends first). `row` is its
+        copy in the session store, deleted on that PUBACK.
 
         Returns the writer to drain (back-pressure), or None if there is no connection.
         """
@@ -341,6 +381,8 @@ class _GatepassHandler(BrokerProtocolHandler):  # type: ignore[misc]
         message.publish_packet = packet
         if packet_id is not None:
             session.inflight_out[packet_id] = message
+            if row is not None:
+                _rows_of(session)[packet_id] = row
             waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self._puback_waiters[packet_id] = waiter
             waiter.add_done_callback(functools.partial(self._acknowledged, session, message))
@@ -359,6 +401,7 @@ class _GatepassHandler(BrokerProtocolHandler):  # type: ignore[misc]
         message.puback_packet = waiter.result()
         if session.inflight_out.get(packet_id) is message:
             del session.inflight_out[packet_id]
+            self._connection.broker.acknowledged(session, packet_id)
 
     def handle_read_timeout(self) -> None:
         """Hole: amqtt never enforces keep-alive; close (the will is then published)."""
@@ -388,6 +431,7 @@ class _GatepassHandler(BrokerProtocolHandler):  # type: ignore[misc]
         finally:
             self._puback_waiters.pop(packet_id, None)
         session.inflight_out.pop(packet_id, None)
+        self._connection.broker.acknowledged(session, packet_id)
 
 
 def _new_session(
@@ -452,16 +496,91 @@ class _GatepassAmqtt(Broker):  # type: ignore[misc]
         handler = _GatepassHandler(self.plugins_manager, connection, self, loop=self._loop)
         client_id = connection.state.client_id
         existing = self._sessions.get(client_id, (None, None))[0]
-        if connect.clean_session_flag or existing is None:
-            if connect.clean_session_flag:
+        if connect.clean_session_flag or existing is None or existing.clean_session:
+            # A clean session's state ends with its connection [MQTT-3.1.2-6].
+            self._owner.forget_session(client_id)
+            if existing is not None:
                 await self._delete_session(client_id)
             session = _new_session(connect, connection, writer.get_ssl_info(), self._owner.limits)
             session.parent = 0
         else:
             session = existing
             _refresh(session, connect, connection, writer.get_ssl_info())
+            self._regrant(session, connection.state)
             session.parent = 1
+        if not session.clean_session:
+            self._owner.keep_session(connection.state)
         return handler, session
+
+    def _regrant(self, session: Session, state: SessionState) -> None:
+        """A resumed session keeps only what its NEW token allows: subscriptions the
+        grant no longer covers are dropped (and forgotten), as are messages in flight
+        on topics it may no longer receive."""
+        client_id = state.client_id
+        filters = [
+            topic_filter
+            for topic_filter, subscribers in self._subscriptions.items()
+            if any(s.client_id == client_id for s, _ in subscribers)
+        ]
+        _, dropped = regrant(filters, state.acl)
+        if dropped:
+            self._owner.forget_subscriptions(client_id, dropped)
+            for topic_filter in dropped:
+                self._del_subscription(topic_filter, session)
+                if not self._subscriptions.get(topic_filter, True):
+                    del self._subscriptions[topic_filter]
+            _log.info("resumed session %r lost %d subscriptions", client_id, len(dropped))
+        for packet_id, message in list(session.inflight_out.items()):
+            try:
+                check_receive(state, message.topic)
+            except AccessDenied:
+                del session.inflight_out[packet_id]
+                self._owner.acknowledged(session, packet_id)
+                self._owner.metrics.messages_dropped.labels(queue="regrant").inc()
+
+    def restore(self, stored: StoredSession) -> None:
+        """Recreate a stored persistent session as an OFFLINE amqtt session: its grant,
+        its subscriptions (so matching PUBLISHes are queued) and its queued messages."""
+        handler, session = self.create_offline_session(stored.client_id)
+        limits = self._owner.limits
+        session.clean_session = False
+        session.retained_messages = asyncio.Queue(maxsize=limits.max_offline_queue)
+        session.delivered_message_queue = asyncio.Queue(maxsize=limits.max_incoming_queue)
+        session.attributes[_STATE_KEY] = restored_state(stored)
+        for subscription in stored.subscriptions:
+            subscribers = self._subscriptions.setdefault(subscription.topic_filter, [])
+            subscribers.append((session, subscription.qos))
+        for message in stored.queued:
+            item = _Queued(message.topic, message.payload, message.qos, message.row_id)
+            self._enqueue(session, item)
+        self._sessions[stored.client_id] = (session, handler)
+
+    async def forget_offline(self, client_id: str) -> None:
+        """Drop an OFFLINE session (idle expiry); a connected one is left alone."""
+        session = self._sessions.get(client_id, (None, None))[0]
+        if session is not None and session.transitions.state != "connected":
+            await self._delete_session(client_id)
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """A granted SUBSCRIBE of a persistent session is stored before its SUBACK."""
+        granted: int = await super().add_subscription(subscription, session)
+        if granted != AMQTT_MAGIC_VALUE_RET_SUBSCRIBED and not session.clean_session:
+            topic_filter = subscription[0]
+            held = next(
+                (qos for s, qos in self._subscriptions.get(topic_filter, []) if s is session),
+                granted,
+            )
+            kept = Subscription(topic_filter=topic_filter, qos=held)
+            self._owner.keep_subscription(session, kept)
+        return granted
+
+    async def _handle_unsubscription(
+        self, client_session: Session, handler: BrokerProtocolHandler, waiter: asyncio.Future[Any]
+    ) -> None:
+        """An UNSUBSCRIBE of a persistent session is stored before its UNSUBACK."""
+        if client_session.client_id is not None and not client_session.clean_session:
+            self._owner.forget_subscriptions(client_session.client_id, waiter.result().topics)
+        await super()._handle_unsubscription(client_session, handler, waiter)
 
     async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
         """Hole: failed logins stayed in `sessions`; now only admitted sessions arrive."""
@@ -517,12 +636,45 @@ class _GatepassAmqtt(Broker):  # type: ignore[misc]
     async def _retain_broadcast_message(
         self, broadcast: dict[str, Any], qos: int, target_session: Session
     ) -> None:
-        """Hole: unbounded offline queue; drop the oldest message when it is full."""
-        queue: asyncio.Queue[ApplicationMessage] = target_session.retained_messages
+        """Hole: unbounded offline queue; drop the oldest message when it is full.
+
+        A QoS 1 message for a persistent session is also written to the session
+        store (before the publisher's PUBACK), bounded the same way.
+        """
+        topic, data = broadcast["topic"], broadcast["data"]
+        row = self._owner.store_queued(target_session, topic, data, qos)
+        self._enqueue(target_session, _Queued(topic, data, qos, row))
+
+    def _enqueue(self, session: Session, item: _Queued) -> None:
+        queue: asyncio.Queue[_Queued] = session.retained_messages
         if queue.full():
             queue.get_nowait()
             self._owner.metrics.messages_dropped.labels(queue="offline").inc()
-        await super()._retain_broadcast_message(broadcast, qos, target_session)
+        queue.put_nowait(item)
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """Hole: amqtt sent the offline queue with the RETAIN flag set, without the
+        ACL, and kept no link to a stored copy. Here each queued message the NEW
+        grant still allows is delivered like a live one (`deliver`, QoS 2 as QoS 1);
+        its stored copy is deleted on PUBACK; a refused one is dropped and forgotten."""
+        handler, state = self._get_handler(session), _state_of(session)
+        if not isinstance(handler, _GatepassHandler) or state is None:
+            return
+        queue: asyncio.Queue[_Queued] = session.retained_messages
+        while not queue.empty():
+            item = queue.get_nowait()
+            try:
+                check_receive(state, item.topic)
+            except AccessDenied:
+                self._owner.metrics.messages_dropped.labels(queue="regrant").inc()
+                self._owner.delivered(item.row)
+                continue
+            writer = handler.deliver(item.topic, item.data, min(item.qos, QOS_1), item.row)
+            if writer is None:
+                self._enqueue(session, item)
+                return
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await writer.drain()
 
     async def hand_off(
         self, source: Session, topic: str, data: bytes | bytearray, qos: int, retain: bool
@@ -621,6 +773,7 @@ class SecureBroker:
         clock: Callable[[], float] = time.time,
         revoked: Iterable[str] = (),
         retired_kids: Iterable[str] = (),
+        session_store: SessionStore | None = None,
     ) -> None:
         if deny_action not in ("ignore", "disconnect"):
             raise ValueError("deny_action must be 'ignore' or 'disconnect'")
@@ -642,6 +795,9 @@ class SecureBroker:
         self._amqtt: _GatepassAmqtt | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._store = session_store
+        self._delivered_rows: list[int] = []
+        self._idle_sweeper: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -660,6 +816,7 @@ class SecureBroker:
         self._amqtt = _GatepassAmqtt(self)
         await self._amqtt.start()
         try:
+            self._restore_sessions(self._amqtt)
             self._server = await asyncio.start_server(
                 self._serve,
                 self.host,
@@ -674,6 +831,8 @@ class SecureBroker:
             self._amqtt = None
             raise
         self._sweeper = asyncio.create_task(self._close_expired())
+        if self._store is not None:
+            self._idle_sweeper = asyncio.create_task(self._forget_idle_sessions())
 
     async def stop(self) -> None:
         """Stop listening, close every session (no wills), stop amqtt. Idempotent."""
@@ -681,13 +840,15 @@ class SecureBroker:
         if server is None:
             return
         server.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
+        sweepers = [task for task in (self._sweeper, self._idle_sweeper) if task is not None]
+        for task in sweepers:
+            task.cancel()
+        await asyncio.gather(*sweepers, return_exceptions=True)
         for connection in list(self._connections.values()):
             connection.close(CloseReason.shutdown)
         if self._handlers:
             await asyncio.wait(self._handlers, timeout=TAKEOVER_WAIT_SECONDS)
+        self._flush_delivered()
         if self._amqtt is not None:
             await self._amqtt.shutdown()
             self._amqtt = None
@@ -841,6 +1002,7 @@ class SecureBroker:
             self._index.remove(connection.conn_id)
             del self._connections[connection.conn_id]
             self.metrics.live_sessions.dec()
+            self._session_went_offline(connection.session)
             connection.done.set()
 
     async def _take_over(self, client_id: str) -> None:
@@ -850,3 +1012,112 @@ class SecureBroker:
                 connection.close(CloseReason.takeover)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(connection.done.wait(), TAKEOVER_WAIT_SECONDS)
+
+    # -- persistent sessions (the session store) -----------------------------------
+    #
+    # Called by the amqtt subclasses. Without a store every method does nothing.
+    # Only CONNECT, SUBSCRIBE, UNSUBSCRIBE, disconnect and OFFLINE queueing write;
+    # deletes of acknowledged messages are batched once per loop iteration (a late
+    # delete only risks a duplicate, which QoS 1 allows).
+
+    def _restore_sessions(self, amqtt: _GatepassAmqtt) -> None:
+        if self._store is None:
+            return
+        restored = self._store.load(self.clock())
+        for stored in restored:
+            amqtt.restore(stored)
+        if restored:
+            _log.info("restored %d persistent MQTT sessions", len(restored))
+
+    def keep_session(self, state: SessionState) -> None:
+        """A clean_session=0 CONNECT was accepted: store the session and its grant."""
+        if self._store is not None:
+            self._store.save(state.client_id, state.device_id, state.acl.rules)
+
+    def forget_session(self, client_id: str) -> None:
+        """A clean_session=1 CONNECT: the stored session, if any, is gone."""
+        if self._store is not None and client_id in self._store:
+            self._store.forget(client_id)
+
+    def keep_subscription(self, session: Session, subscription: Subscription) -> None:
+        if self._store is not None and session.client_id in self._store:
+            self._store.subscribe(session.client_id, subscription)
+
+    def forget_subscriptions(self, client_id: str, topic_filters: Iterable[str]) -> None:
+        if self._store is not None and client_id in self._store:
+            self._store.unsubscribe(client_id, topic_filters)
+
+    def store_queued(
+        self, session: Session, topic: str, data: bytes | bytearray, qos: int
+    ) -> int | None:
+        """Write a message queued for an OFFLINE session; its row, or None if not kept."""
+        store, client_id = self._store, session.client_id
+        if store is None or not is_durable(bool(session.clean_session), qos):
+            return None
+        if client_id not in store:
+            return None
+        bound = self.limits.max_offline_queue
+        return store.enqueue(client_id, topic, bytes(data), qos, bound=bound).row_id
+
+    def acknowledged(self, session: Session, packet_id: int) -> None:
+        """An in-flight message left `inflight_out` for good: drop its stored copy."""
+        rows = session.attributes.get(_ROWS_KEY)
+        if rows:
+            self.delivered(rows.pop(packet_id, None))
+
+    def delivered(self, row: int | None) -> None:
+        if row is None or self._store is None:
+            return
+        if not self._delivered_rows:
+            asyncio.get_running_loop().call_soon(self._flush_delivered)
+        self._delivered_rows.append(row)
+
+    def _flush_delivered(self) -> None:
+        rows, self._delivered_rows = self._delivered_rows, []
+        if rows and self._store is not None:
+            try:
+                self._store.delivered(rows)
+            except SessionStoreError:
+                _log.exception("session store: %d delivered messages not deleted", len(rows))
+
+    def _session_went_offline(self, session: Session | None) -> None:
+        """Start the idle expiry; store QoS 1 messages still awaiting their PUBACK."""
+        store = self._store
+        if store is None or session is None or session.clean_session:
+            return
+        client_id = session.client_id
+        if client_id not in store:
+            return
+        rows = _rows_of(session)
+        unsaved = [
+            (packet_id, message)
+            for packet_id, message in session.inflight_out.items()
+            if packet_id not in rows and message.qos == QOS_1
+        ]
+        inflight = [(m.topic, bytes(m.data), m.qos) for _, m in unsaved]
+        try:
+            saved = store.disconnected(
+                client_id, self.clock(), inflight, bound=self.limits.max_offline_queue
+            )
+        except SessionStoreError:
+            _log.exception("session store: offline state of %r not saved", client_id)
+            return
+        rows.update(zip((packet_id for packet_id, _ in unsaved), saved, strict=True))
+
+    async def _forget_idle_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(SESSION_SWEEP_SECONDS)
+            await self.forget_expired_sessions()
+
+    async def forget_expired_sessions(self) -> list[str]:
+        """Forget offline sessions past their idle expiry (run every minute); their ids."""
+        if self._store is None or self._amqtt is None:
+            return []
+        try:
+            expired = self._store.expire(self.clock())
+        except SessionStoreError:
+            _log.exception("session store: idle sessions not expired")
+            return []
+        for client_id in expired:
+            await self._amqtt.forget_offline(client_id)
+        return expired

@@ -61,7 +61,7 @@ async def run_gateway(
             runner, settings.bind, port, ssl_context=https_ctx, backlog=LISTEN_BACKLOG
         )
         await site.start()
-        bound_https = _bound_port(site)
+        bound_https = int(runner.addresses[0][1])
         snapshot = gateway.snapshot
         async with SecureBroker(
             ssl_context=mqtt_ctx,
@@ -100,13 +100,6 @@ def _push_to_broker(mqtt: SecureBroker, old: Snapshot, new: Snapshot) -> None:
         mqtt.set_revoked(new.revoked_devices)
     for kid in new.retired_kids - old.retired_kids:
         mqtt.retire_kid(kid)
-
-
-def _bound_port(site: web.TCPSite) -> int:
-    server = site._server  # aiohttp exposes the bound port only here
-    assert isinstance(server, asyncio.base_events.Server)
-    port: int = server.sockets[0].getsockname()[1]
-    return port
 
 
 async def serve(root: Path, https_port: int | None, mqtt_port: int | None) -> None:

@@ -68,7 +68,7 @@ def _fail(message: str, code: int) -> int:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         """One line, exit 2 (argparse's default prints the whole usage first)."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{PROG}: error: {message}\n")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -3,7 +3,8 @@
 Only tests (and the bench) import this module. Waiting is on conditions with deadlines
 (`wait_until`), never fixed sleeps. Each paho client is driven by its own thread
 calling `loop()`, with no automatic reconnect, so a test sees exactly what happened.
-`BrokerProcess` runs a `SecureBroker` in a child process so that a test can SIGKILL it.
+`BrokerProcess` runs a `SecureBroker` in a child process so that a test can SIGKILL it
+(with a session store file when given one, to restart it on the same port and store).
 """
 
 from __future__ import annotations
@@ -320,9 +321,11 @@ _CHILD_MAIN = (
 )
 
 
-def serve_in_child(directory: str, port: str) -> None:
-    """Entry of `BrokerProcess`'s child: a SecureBroker on the PKI in `directory`."""
+def serve_in_child(directory: str, port: str, store: str = "") -> None:
+    """Entry of `BrokerProcess`'s child: a SecureBroker on the PKI in `directory`,
+    keeping persistent sessions in the SQLite file `store` if one is named."""
     from gateway.mqtt_broker import SecureBroker
+    from gateway.mqtt_sessions import SessionStore
 
     root = Path(directory)
     keys = KeySet.from_jwks(json.loads((root / "jwks.json").read_text()))
@@ -332,7 +335,10 @@ def serve_in_child(directory: str, port: str) -> None:
             root / "server.pem", root / "server.key", root / "ca.pem", require_client_cert=True
         )
         verifier = TokenVerifier(keys, issuer=ISSUER, audience=AUDIENCE)
-        async with SecureBroker(ssl_context=context, verifier=verifier, port=int(port)) as broker:
+        sessions = SessionStore.open(store) if store else None
+        async with SecureBroker(
+            ssl_context=context, verifier=verifier, port=int(port), session_store=sessions
+        ) as broker:
             print(broker.port, flush=True)
             await asyncio.Event().wait()
 
@@ -342,8 +348,9 @@ def serve_in_child(directory: str, port: str) -> None:
 class BrokerProcess:
     """A `SecureBroker` on `pki` in a child process, so that a test can SIGKILL it."""
 
-    def __init__(self, pki: MqttPki) -> None:
+    def __init__(self, pki: MqttPki, session_store: Path | None = None) -> None:
         self.pki = pki
+        self.session_store = session_store
         self.port = 0
         self._proc: asyncio.subprocess.Process | None = None
 
@@ -359,6 +366,7 @@ class BrokerProcess:
                 _CHILD_MAIN,
                 str(directory),
                 str(self.port),
+                str(self.session_store or ""),
                 cwd=_REPO_ROOT,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,

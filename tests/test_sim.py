@@ -46,8 +46,7 @@ def assert_nothing_lost(r: dict[str, Any], devices: int) -> None:
 def test_steady_20_devices(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     html = tmp_path / "r.html"
-    proc = sim("run", "--devices", "20", "--duration", "5", "--json", str(out),
-               "--html", str(html))
+    proc = sim("run", "--devices", "20", "--duration", "5", "--json", str(out), "--html", str(html))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r = report_of(out)
     assert_nothing_lost(r, 20)
@@ -69,8 +68,19 @@ def test_steady_20_devices(tmp_path: Path) -> None:
 
 def test_storm_everyone_reconnects_nothing_lost(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    proc = sim("run", "--devices", "20", "--duration", "6", "--interval", "0.5",
-               "--scenario", "storm", "--json", str(out))
+    proc = sim(
+        "run",
+        "--devices",
+        "20",
+        "--duration",
+        "6",
+        "--interval",
+        "0.5",
+        "--scenario",
+        "storm",
+        "--json",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r = report_of(out)
     assert_nothing_lost(r, 20)
@@ -82,8 +92,19 @@ def test_storm_everyone_reconnects_nothing_lost(tmp_path: Path) -> None:
 
 def test_churn_refreshes_and_reconnects_nothing_lost(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    proc = sim("run", "--devices", "20", "--duration", "14", "--interval", "0.5",
-               "--scenario", "churn", "--json", str(out))
+    proc = sim(
+        "run",
+        "--devices",
+        "20",
+        "--duration",
+        "14",
+        "--interval",
+        "0.5",
+        "--scenario",
+        "churn",
+        "--json",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r = report_of(out)
     assert_nothing_lost(r, 20)
@@ -96,8 +117,9 @@ def test_churn_refreshes_and_reconnects_nothing_lost(tmp_path: Path) -> None:
 @pytest.fixture
 def gateway_dir(tmp_path: Path) -> Iterator[Path]:
     root = init_gateway(tmp_path / "gw")
-    gw = start_gateway(root, env={"GATEPASS_TOKEN_RATE_PER_MINUTE": "600",
-                                  "GATEPASS_TOKEN_BURST": "50"})
+    gw = start_gateway(
+        root, env={"GATEPASS_TOKEN_RATE_PER_MINUTE": "600", "GATEPASS_TOKEN_BURST": "50"}
+    )
     try:
         yield root
     finally:
@@ -109,24 +131,25 @@ def test_sabotage_revoked_subscriber_makes_the_run_fail(gateway_dir: Path, tmp_p
     delivers nothing more to it, while devices keep getting PUBACKs. The simulator must
     notice the acknowledged-but-undelivered messages and exit 1."""
     out = tmp_path / "r.json"
-    proc = subprocess.Popen(
-        [cli("gatepass-sim"), "run", "--gateway-dir", str(gateway_dir), "--devices", "5",
-         "--duration", "6", "--interval", "0.25", "--delivery-timeout", "3",
-         "--json", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    argv = [cli("gatepass-sim"), "run", "--gateway-dir", str(gateway_dir), "--devices", "5",
+            "--duration", "6", "--interval", "0.25", "--delivery-timeout", "3",
+            "--json", str(out)]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
-    reader.start()
-    # The token phase starts once the verifier is subscribed; steady publishing follows.
-    wait_for(lambda: any(line.startswith("token") for line in lines), timeout=40)
-    devices = json.loads(run_cli("gatepass-gateway", "device", "list", "--dir",
-                                 str(gateway_dir), "--json").stdout)
-    (verifier,) = [d["device_id"] for d in devices if d["device_id"].endswith("-verifier")]
-    run_cli("gatepass-gateway", "device", "revoke", verifier, "--dir", str(gateway_dir))
-    assert proc.wait(timeout=60) == 1, "".join(lines)
-    reader.join(timeout=5)
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    ) as proc:
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
+        reader.start()
+        # The token phase starts once the verifier is subscribed; steady publishing follows.
+        wait_for(lambda: any(line.startswith("token") for line in lines), timeout=40)
+        listing = run_cli("gatepass-gateway", "device", "list", "--dir", str(gateway_dir),
+                          "--json")  # fmt: skip
+        ids = [d["device_id"] for d in json.loads(listing.stdout)]
+        (verifier,) = [i for i in ids if i.endswith("-verifier")]
+        run_cli("gatepass-gateway", "device", "revoke", verifier, "--dir", str(gateway_dir))
+        assert proc.wait(timeout=60) == 1, "".join(lines)
+        reader.join(timeout=5)
     r = report_of(out)
     m = r["messages"]
     assert m["sent"] == m["acked"] > m["delivered"]

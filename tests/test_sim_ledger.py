@@ -91,8 +91,13 @@ def test_percentiles_nearest_rank() -> None:
     assert percentile([7.0], 95) == 7
     s = summarize(reversed(values))
     assert (s.count, s.p50, s.p95, s.p99, s.max) == (100, 50, 95, 99, 100)
-    assert summarize([]).as_dict() == {"p50": None, "p95": None, "p99": None, "max": None,
-                                        "count": 0}
+    assert summarize([]).as_dict() == {
+        "p50": None,
+        "p95": None,
+        "p99": None,
+        "max": None,
+        "count": 0,
+    }
     with pytest.raises(ValueError):
         percentile([], 50)
 
