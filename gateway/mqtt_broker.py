@@ -4,9 +4,11 @@ Owns: the whole amqtt integration. `SecureBroker` serves connections itself
 (`asyncio.start_server` with our SSLContext and a large backlog), reads and decides
 each CONNECT with `gateway.mqtt_policy` *before* amqtt sees the connection, and only
 then hands it to amqtt's `external` listener. It closes live sessions at `exp`, on
-revocation and on key retirement, and keeps the metrics.
-Must not: decide policy (that is `gateway.mqtt_policy`), read tokens or keys from disk,
-or be imported by the agent.
+revocation and on key retirement, and keeps the metrics. With a `session_store`
+(`gateway.mqtt_sessions.SessionStore`) it also keeps persistent sessions across a
+restart: it restores them at start and tells the store what changed.
+Must not: decide policy (that is `gateway.mqtt_policy`; what a stored session keeps is
+`gateway.mqtt_sessions`), read tokens or keys from disk, or be imported by the agent.
 
 amqtt 0.12.1 is extended in this module only, by two fenced subclasses (the handler
 holds the per-packet holes, so a Broker subclass alone cannot close them). Each
@@ -16,13 +18,25 @@ override names the hole it closes and has a regression test in
     _GatepassAmqtt(Broker)
       _initialize_client_session   session built from our checked CONNECT; a resumed
                                    session gets the new connection's TLS identity,
-                                   credentials and grant (amqtt kept the old ssl_object)
+                                   credentials and grant (amqtt kept the old ssl_object),
+                                   and keeps only the subscriptions and in-flight
+                                   messages that grant allows; clean_session=1, or a
+                                   clean session left over, starts from nothing
       _authenticate                true only for a connection admitted by mqtt_policy
       _topic_filtering             SUBSCRIBE and delivery checked against the grant
       _publish_retained_messages_for_subscription
                                    retained messages only for the session's own
                                    filters and only topics its ACL allows
-      _retain_broadcast_message    bounded offline queue, oldest dropped first
+      _retain_broadcast_message    bounded offline queue, oldest dropped first; QoS 1
+                                   for a persistent session also written to the store
+      _publish_session_retained_messages
+                                   the offline queue is sent without RETAIN, checked
+                                   against the new grant, by `deliver` (PUBACK deletes
+                                   the stored copy)
+      add_subscription             a granted SUBSCRIBE is stored before its SUBACK
+      _handle_unsubscription       an UNSUBSCRIBE is stored before its UNSUBACK
+      restore, forget_offline (new) a stored session back as an offline amqtt session;
+                                   dropped at idle expiry
       hand_off (new)               a QoS 0/1 PUBLISH reaches every subscriber before
                                    its PUBACK (amqtt queued it and PUBACKed at once)
     _GatepassHandler(BrokerProtocolHandler)
@@ -41,10 +55,15 @@ queues: `hand_off` writes it to the transport of every connected matching subscr
 (QoS 1: also kept in that session's `inflight_out` until the subscriber's PUBACK,
 resent on resume), queues it for every offline persistent session, and only then is
 the PUBACK sent. So a message acknowledged to its publisher survives a SIGKILL of the
-gateway for every subscriber that was online. What is still NOT durable:
-  * messages queued for OFFLINE persistent sessions (and those in flight to a
-    subscriber that has disconnected) live in memory only: a killed or restarted
-    gateway loses them, as it loses retained messages and the sessions themselves;
+gateway for every subscriber that was online. With a session store, persistent
+sessions (grant, subscriptions, expiry) survive it too, and so do the QoS 1 messages
+queued for them while offline (written before the PUBACK) and those still awaiting
+a PUBACK when their subscriber disconnected (written at the disconnect). Online
+delivery writes nothing per message. What is still NOT durable:
+  * without a store: every session and everything queued for it;
+  * with one: QoS 1 messages in flight to a subscriber whose disconnect the gateway
+    had not yet processed when it died, queued QoS 2 (sent as QoS 1) and QoS 0
+    messages, and retained messages;
   * bytes written but not yet taken by the kernel: when a subscriber lags, up to its
     transport's write-buffer high-water mark (64 KiB by default) may be in process
     memory when the PUBACK goes out (the hand-off drains each transport below that

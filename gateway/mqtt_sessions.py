@@ -76,6 +76,7 @@ _SCHEMA_VERSION: Final = 1
 
 Synchronous = Literal["FULL", "NORMAL"]
 
+
 class SessionStoreError(GatewayError):
     """The session store file cannot be opened, read or written."""
 

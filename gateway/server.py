@@ -19,6 +19,7 @@ from aiohttp import web
 
 from gateway.http_api import build_app
 from gateway.mqtt_broker import BrokerLimits, SecureBroker
+from gateway.mqtt_sessions import SessionStore
 from gateway.runtime import Gateway, Snapshot
 from gateway.tls import server_context
 
@@ -55,7 +56,9 @@ async def run_gateway(
     runner = web.AppRunner(build_app(gateway), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     watcher: asyncio.Task[None] | None = None
+    sessions: SessionStore | None = None
     try:
+        sessions = SessionStore.open(state.mqtt_sessions)
         port = settings.https_port if https_port is None else https_port
         site = web.TCPSite(
             runner, settings.bind, port, ssl_context=https_ctx, backlog=LISTEN_BACKLOG
@@ -78,6 +81,7 @@ async def run_gateway(
             clock=gateway.clock,
             revoked=snapshot.revoked_devices,
             retired_kids=snapshot.retired_kids,
+            session_store=sessions,
         ) as mqtt:
             gateway.on_change(lambda old, new: _push_to_broker(mqtt, old, new))
             watcher = asyncio.create_task(gateway.watch(), name="registry-watcher")
@@ -92,6 +96,8 @@ async def run_gateway(
                     await watcher
     finally:
         await runner.cleanup()
+        if sessions is not None:
+            sessions.close()
         gateway.close()
 
 

@@ -38,6 +38,11 @@ class StateDir:
         return self.root / "gateway.db"
 
     @property
+    def mqtt_sessions(self) -> Path:
+        """Persistent MQTT sessions (gateway.mqtt_sessions.SessionStore), a file of its own."""
+        return self.root / "mqtt-sessions.db"
+
+    @property
     def ca_cert(self) -> Path:
         return self.root / "pki" / "ca.pem"
 

@@ -350,3 +350,21 @@ def test_no_tls11_and_no_cbc(gw: GatewayProcess) -> None:
         "openssl", "s_client", "-connect", target, "-tls1_2", "-CAfile", str(gw.ca), input=b""
     )
     assert good.returncode == 0 and b"Verify return code: 0 (ok)" in good.stdout
+
+
+def test_failed_secrets_are_rate_limited_and_counted(tmp_path: Path) -> None:
+    root = init_gateway(tmp_path / "gw", "failure_burst = 3", "failure_rate_per_minute = 1.0")
+    with running_gateway(root) as gw:
+        secret = gw.add_device("dev-brute")
+        _, csr = make_csr(tmp_path, "dev-brute")
+        statuses = [enroll(gw, "dev-brute", f"guess-{i}", csr)[0] for i in range(4)]
+        assert statuses[:3] == [401, 401, 401]
+        status, _, head = enroll(gw, "dev-brute", "guess-4", csr)
+        assert statuses[3] == 429 and status == 429 and "Retry-After:" in head
+        # Even the right secret waits until the bucket refills: nothing is stored.
+        assert enroll(gw, "dev-brute", secret, csr)[0] == 429
+        assert device_state(gw, "dev-brute") == ("registered", 0)
+        _, metrics, _ = curl(gw, "/metrics")
+        text = metrics.decode()
+        assert 'gatepass_enrollments_total{kind="enroll",outcome="refused_401"} 3.0' in text
+        assert "gatepass_http_request_seconds_bucket" in text

@@ -525,6 +525,31 @@ async def test_hole_offline_queue_is_bounded(pki: MqttPki) -> None:
         await stopped(commander, second)
 
 
+async def test_hole_offline_queue_is_sent_without_retain_flag(
+    pki: MqttPki, broker: SecureBroker
+) -> None:
+    # Stock amqtt 0.12.1 sends the messages queued for an offline session with RETAIN=1
+    # (`_publish_session_retained_messages` passes retain=True), though none was
+    # retained [MQTT-3.3.1-9]. Closed by that override, which delivers them like live
+    # ones, after checking them against the resumed session's new grant.
+    dev, cmd = pki.device("dev-1"), pki.device("backend")
+    first = await device_client(pki, broker.port, dev, clean_session=False).connected()
+    mid = first.subscribe("devices/dev-1/commands/#", qos=1)
+    await wait_until(lambda: mid in first.suback)
+    await stopped(first)
+    await wait_until(lambda: broker.live_sessions == 0, what="broker saw the disconnect")
+    commander_acl = entries(("allow", "publish", "devices/+/commands/#"))
+    commander = await device_client(
+        pki, broker.port, cmd, token=pki.token(cmd, acl=commander_acl)
+    ).connected()
+    acked = commander.publish("devices/dev-1/commands/open", b"1", qos=1)
+    await wait_until(lambda: acked in commander.acked, what="PUBACK")
+    second = await device_client(pki, broker.port, dev, clean_session=False).connected()
+    await wait_until(lambda: second.payloads() == [b"1"], what="queued delivery")
+    assert second.messages[0][3] is False  # retain flag
+    await stopped(commander, second)
+
+
 async def test_hole_acknowledged_qos1_survives_a_gateway_sigkill(pki: MqttPki) -> None:
     # Stock amqtt 0.12.1 PUBACKs a QoS 1 PUBLISH as soon as it is put on the session's
     # in-memory delivered_message_queue; the broadcast to subscribers happens later, in

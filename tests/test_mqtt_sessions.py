@@ -126,7 +126,7 @@ def test_session_survives_reopen(store: SessionStore) -> None:
         Subscription(topic_filter="devices/+/status", qos=1),
         Subscription(topic_filter="devices/+/telemetry", qos=1),
     )
-    assert [(m.row_id, m.payload) for m in session.queued][0] == (first.row_id, b"1")
+    assert session.queued[0].row_id == first.row_id
     assert [m.payload for m in session.queued] == [b"1", b"2"]
     store.close()
 
@@ -200,7 +200,8 @@ def test_disconnect_keeps_unacknowledged_messages(store: SessionStore) -> None:
     assert len(rows) == 2 and rows[0] < rows[1]
     session = only(store.load(NOW))
     assert session.expires_at == NOW + DEFAULT_IDLE_EXPIRY
-    assert [(m.row_id, m.topic) for m in session.queued] == list(zip(rows, ["t/1", "t/2"]))
+    assert [m.row_id for m in session.queued] == rows
+    assert [m.topic for m in session.queued] == ["t/1", "t/2"]
     store.close()
 
 
@@ -226,7 +227,7 @@ def test_unusable_files_raise_session_store_error(tmp_path: Path) -> None:
     corrupt = SessionStore.open(tmp_path / "corrupt.db")
     corrupt.save("b", "b", RULES)
     with sqlite3.connect(corrupt.path) as conn:
-        conn.execute("UPDATE sessions SET acl = '[{\"permission\": \"maybe\"}]'")
+        conn.execute('UPDATE sessions SET acl = \'[{"permission": "maybe"}]\'')
     with pytest.raises(SessionStoreError, match="corrupt"):
         corrupt.load(NOW)
     corrupt.close()
@@ -396,10 +397,12 @@ async def test_unsubscribe_and_clean_session_are_stored(
     mids = [sub.subscribe(f, qos=1) for f in ("devices/+/telemetry", "devices/+/status")]
     await wait_until(lambda: set(mids) <= set(sub.suback))
     assert len(stored_rows(db, "SELECT * FROM subscriptions")) == 2
-    result, unsub_mid = sub.client.unsubscribe("devices/+/status")
+    result, _ = sub.client.unsubscribe("devices/+/status")
+    assert result == 0
     await wait_until(
-        lambda: stored_rows(db, "SELECT topic_filter FROM subscriptions")
-        == [("devices/+/telemetry",)],
+        lambda: (
+            stored_rows(db, "SELECT topic_filter FROM subscriptions") == [("devices/+/telemetry",)]
+        ),
         what="unsubscribe stored",
     )
     await stopped(sub)
@@ -434,3 +437,33 @@ async def test_idle_sessions_are_forgotten(pki: MqttPki, stored_broker: SecureBr
     assert "backend" not in stored_broker._amqtt.sessions
     assert "devices/+/telemetry" not in stored_broker._amqtt.subscriptions
     await stopped(pub)
+
+
+async def test_unacknowledged_in_flight_messages_survive_a_gateway_sigkill(
+    pki: MqttPki,
+) -> None:
+    # A message delivered to a subscriber that vanished before its PUBACK lived only in
+    # `inflight_out`; with a store it is written when the session goes offline.
+    db = pki.directory / "mqtt-sessions.db"
+    broker = BrokerProcess(pki, session_store=db)
+    port = await broker.start()
+    backend, dev = pki.device("backend"), pki.device("dev-1")
+    try:
+        first = await backend_client(pki, port, backend, manual_ack=True).connected()
+        mid = first.subscribe("devices/+/telemetry", qos=1)
+        await wait_until(lambda: mid in first.suback, what="SUBACK")
+        pub = await device_client(pki, port, dev).connected()
+        await publish_all(pub, "devices/dev-1/telemetry", [b"unacked"])
+        await wait_until(lambda: first.payloads() == [b"unacked"], what="delivery")
+        first.drop()  # received, never acknowledged
+        await wait_until(lambda: is_offline(db, "backend"), what="subscriber offline in store")
+        assert queued_count(db) == 1
+        await broker.kill()
+        assert await broker.start() == port
+        second = await backend_client(pki, port, backend).connected()
+        assert second.session_present is True
+        await wait_until(lambda: second.payloads() == [b"unacked"], what="redelivery")
+        await wait_until(lambda: queued_count(db) == 0, what="deleted on PUBACK")
+        await stopped(second)
+    finally:
+        await broker.kill()

@@ -212,3 +212,30 @@ def test_expired_certificate_refused(tmp_path: Path) -> None:
             return result.returncode != 0 or b"invalid_client" in result.stdout
 
         wait_for(refused, timeout=30)
+
+
+def test_automatic_rotation(tmp_path: Path) -> None:
+    root = init_gateway(tmp_path / "gw", "key_rotation_days = 0.00005")  # about 4 s
+    with running_gateway(root) as gw:
+        first = json.loads(gw.admin("keys", "list", "--json").stdout)
+        assert [k["state"] for k in first] == ["current"]
+
+        def rotated() -> bool:
+            keys = json.loads(gw.admin("keys", "list", "--json").stdout)
+            return len(keys) >= 2 and first[0]["kid"] in {
+                k["kid"] for k in keys if k["state"] == "previous"
+            }
+
+        wait_for(rotated, timeout=30)
+        kids = {k["kid"] for k in json.loads(curl(gw, "/.well-known/jwks.json")[1])["keys"]}
+        assert first[0]["kid"] in kids and len(kids) >= 2
+
+
+def test_metrics_count_tokens(gw: GatewayProcess) -> None:
+    assert get_token(gw, None, None)[0] == 401
+    _, body, head = curl(gw, "/metrics")
+    text = body.decode()
+    assert "text/plain" in head
+    assert "gatepass_tokens_issued_total" in text
+    assert 'gatepass_tokens_refused_total{reason="invalid_client"}' in text
+    assert "gatepass_token_issue_seconds_bucket" in text
