@@ -53,9 +53,14 @@ _PUBLIC: Final = "invalid enrollment credentials"
 _DUMMY_SALT: Final = bytes(SALT_BYTES)
 
 
+SECRET_PREFIX: Final = "gpe_"
+"""Marks enrollment secrets (secret scanners can find leaked ones), and keeps a secret
+from starting with '-', which command lines would take for an option."""
+
+
 def new_secret() -> str:
     """A fresh one-time secret to print once and then store only as `hash_secret`."""
-    return secrets.token_urlsafe(SECRET_BYTES)
+    return SECRET_PREFIX + secrets.token_urlsafe(SECRET_BYTES)
 
 
 def hash_secret(secret: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:

@@ -62,6 +62,8 @@ class VirtualDevice:
     agent: Device | None = None
     task: asyncio.Task[int] | None = None
     connected_once: bool = False
+    withdrawn: bool = False
+    """Taken out of steady publishing by a scenario (revoked, or hostile)."""
     reconnect_ms: list[float] = field(default_factory=list)
 
     def require_agent(self) -> Device:
@@ -267,10 +269,27 @@ class Fleet:
         next_at = time.monotonic() + offset
         while next_at < stop_at:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            if vd.withdrawn:
+                return
             seq = agent.publish_reading()
             self.ledger.sent(vd.device_id, seq)
             self.metrics.event("sent")
             next_at += interval
+
+    def withdraw(self, vd: VirtualDevice) -> None:
+        """Stop `vd`'s steady publishing; it owes only readings that reached the gateway.
+
+        Its agent keeps running (a revoked device keeps trying to come back) until
+        `stop_agent` or the end of the run.
+        """
+        vd.withdrawn = True
+        self.ledger.withdraw(vd.device_id)
+
+    async def stop_agent(self, vd: VirtualDevice) -> None:
+        """Stop `vd`'s agent now (DISCONNECT), so that its client id is free."""
+        if vd.task is not None and not vd.task.done():
+            vd.task.cancel()
+            await asyncio.wait({vd.task}, timeout=STOP_TIMEOUT_S)
 
     def _acked(self, vd: VirtualDevice, msg: OutboxMessage, seconds: float) -> None:
         try:

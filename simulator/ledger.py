@@ -4,7 +4,10 @@ Owns: the verdict on a fleet's telemetry: for each device, the `seq` numbers han
 its outbox, the ones the gateway acknowledged (PUBACK), and the ones the verifying
 subscriber received; from those, losses (sent but never delivered; `lost_after_ack`
 counts those the gateway had acknowledged), duplicates (a `seq` delivered again,
-allowed by QoS 1) and reordering (a first delivery of a `seq` below one already seen).
+allowed by QoS 1) and reordering (a first delivery of a `seq` below one already seen). A device `withdraw`n mid-run
+(revoked, or turned hostile by a scenario) owes only what reached the gateway: its
+readings after the last one acknowledged or delivered are `excused` (expected
+refusals), neither sent nor lost; everything up to that one must still be delivered.
 Must not: do I/O, read clocks or know about MQTT.
 
 A device's readings are numbered 1, 2, 3, ... by its outbox, so the ledger keeps ranges
@@ -40,7 +43,27 @@ class DeviceRecord:
     highest_delivered: int = 0
     duplicates: int = 0
     reordered: int = 0
+    withdrawn: bool = False
     delivered: set[int] = field(default_factory=set)
+
+    @property
+    def owed_upto(self) -> int:
+        """The last seq that must be delivered (for a withdrawn device, the last one
+        the gateway acknowledged or delivered; 0 if none)."""
+        if not self.withdrawn:
+            return self.last_sent
+        reached = max(self.last_acked, self.highest_delivered)
+        return min(self.last_sent, reached)
+
+    @property
+    def owed(self) -> int:
+        """How many seqs must be delivered."""
+        upto = self.owed_upto
+        return upto - self.first_sent + 1 if self.sent and upto >= self.first_sent else 0
+
+    @property
+    def excused(self) -> int:
+        return self.sent - self.owed
 
     def missing(self, upto: int) -> list[int]:
         """Sent seqs up to `upto` that were not delivered, in order."""
@@ -60,6 +83,8 @@ class DeliveryVerdict:
     duplicates: int
     reordered: int
     unknown: int
+    excused: int
+    """Readings of withdrawn devices that never reached the gateway (not in `sent`)."""
     gaps: dict[str, list[int]]
     """A few missing seqs per device with losses (at most MAX_LISTED_GAPS each)."""
 
@@ -74,6 +99,7 @@ class DeliveryVerdict:
             "duplicates": self.duplicates,
             "reordered": self.reordered,
             "unknown": self.unknown,
+            "excused": self.excused,
         }
 
 
@@ -90,6 +116,10 @@ class DeliveryLedger:
 
     def record(self, device_id: str) -> DeviceRecord | None:
         return self._devices.get(device_id)
+
+    def withdraw(self, device_id: str) -> None:
+        """From now on `device_id` owes only the readings that reached the gateway."""
+        self._devices.setdefault(device_id, DeviceRecord()).withdrawn = True
 
     def sent(self, device_id: str, seq: int) -> None:
         rec = self._devices[device_id]
@@ -130,22 +160,24 @@ class DeliveryLedger:
         return sent, acked, delivered
 
     def all_acked(self) -> bool:
-        return all(rec.acked >= rec.sent for rec in self._devices.values())
+        return all(rec.withdrawn or rec.acked >= rec.sent for rec in self._devices.values())
 
     def complete(self) -> bool:
-        """Every sent seq of every device has been delivered at least once."""
-        return all(len(rec.delivered) >= rec.sent for rec in self._devices.values())
+        """Every owed seq of every device has been delivered at least once."""
+        return all(len(rec.delivered) >= rec.owed for rec in self._devices.values())
 
     def verdict(self) -> DeliveryVerdict:
         sent = acked = delivered = lost = lost_after_ack = duplicates = reordered = 0
+        excused = 0
         gaps: dict[str, list[int]] = {}
         for device_id, rec in self._devices.items():
-            sent += rec.sent
+            sent += rec.owed
+            excused += rec.excused
             acked += rec.acked
             delivered += len(rec.delivered)
             duplicates += rec.duplicates
             reordered += rec.reordered
-            missing = rec.missing(rec.last_sent)
+            missing = rec.missing(rec.owed_upto)
             if missing:
                 lost += len(missing)
                 lost_after_ack += sum(1 for s in missing if s <= rec.last_acked)
@@ -160,5 +192,6 @@ class DeliveryLedger:
             duplicates=duplicates,
             reordered=reordered,
             unknown=self.unknown,
+            excused=excused,
             gaps=gaps,
         )

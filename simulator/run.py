@@ -100,6 +100,7 @@ async def _run(
         await _timed(metrics, "register", fleet.register())
         await _timed(metrics, "enroll", fleet.enroll())
         verifier = await _start_verifier(gateway, f"{prefix}-verifier", run_dir, ledger, metrics)
+        ctx.verifier = verifier
         await _timed(metrics, "token", fleet.fetch_tokens())
         await _timed(metrics, "connect", fleet.connect())
         await scenario.before_run(ctx)

@@ -33,6 +33,7 @@ from simulator.metrics import Metrics
 if TYPE_CHECKING:
     from simulator.fleet import Fleet
     from simulator.gateway_process import Gateway
+    from simulator.verifier import Verifier
 
 __all__ = ["RunContext", "RunOptions", "Scenario", "ScenarioFactory", "ScenarioOutcome"]
 
@@ -74,6 +75,8 @@ class RunContext:
     """Print one line of progress for people."""
     steady_started: float | None = None
     """`time.monotonic()` when steady publishing began."""
+    verifier: Verifier | None = None
+    """The verifying subscriber (set before `before_run`); `observers` see every delivery."""
 
     def elapsed(self) -> float:
         """Seconds into the steady phase (0 before it starts)."""

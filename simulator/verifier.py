@@ -71,6 +71,8 @@ class Verifier:
         self.stats = VerifierStats()
         self.subscribed = asyncio.Event()
         self._on_delivery = on_delivery
+        self.observers: list[Callable[[InboundMessage], None]] = []
+        """Called with every raw delivery first (a scenario may watch for forbidden ones)."""
         self._clock = clock
         self._rng = random.Random()
         self._client = GatewayClient(identity.gateway_url, identity.tls_context())
@@ -146,6 +148,8 @@ class Verifier:
 
     def _message(self, message: InboundMessage) -> None:
         self.stats.messages += 1
+        for observe in self.observers:
+            observe(message)
         try:
             body = json.loads(message.payload)
             device_id, seq, ts = str(body["device_id"]), int(body["seq"]), float(body["ts"])

@@ -26,8 +26,9 @@ def test_new_secret_is_url_safe_and_long() -> None:
     secrets = {new_secret() for _ in range(100)}
     assert len(secrets) == 100
     for secret in secrets:
-        assert re.fullmatch(r"[A-Za-z0-9_-]+", secret)
-        assert len(base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4))) * 8 >= 128
+        assert re.fullmatch(r"gpe_[A-Za-z0-9_-]+", secret)  # never starts with '-'
+        body = secret.removeprefix("gpe_")
+        assert len(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))) * 8 >= 128
 
 
 def test_default_stored_form_and_round_trip() -> None:
