@@ -109,7 +109,9 @@ class Device:
             synchronous=options.outbox_sync,
         )
         self.publisher = Publisher(self.outbox, on_ack=on_ack)
-        self._client = GatewayClient(identity.gateway_url, identity.tls_context())
+        # One TLS context per identity: building one re-reads the CA, key and certificate.
+        self._tls_context = identity.tls_context()
+        self._client = GatewayClient(identity.gateway_url, self._tls_context)
         self.tokens = TokenKeeper(self._client, identity.device_id, self._rng)
         self.link = MqttLink(on_message=self._command)
         self._topic = f"devices/{identity.device_id}/telemetry"
@@ -200,7 +202,7 @@ class Device:
                 client_id=self.device_id,
                 username=self.device_id,
                 password=token.value,
-                tls_context=self.identity.tls_context() if self._tls else None,
+                tls_context=self._tls_context if self._tls else None,
                 clean_session=False,
                 keepalive=KEEPALIVE,
             )
@@ -265,7 +267,8 @@ class Device:
             return
         self.identity = await asyncio.to_thread(renew_certificate, self.identity, self._client)
         self._client.close()
-        self._client = GatewayClient(self.identity.gateway_url, self.identity.tls_context())
+        self._tls_context = self.identity.tls_context()
+        self._client = GatewayClient(self.identity.gateway_url, self._tls_context)
         self.tokens = TokenKeeper(self._client, self.device_id, self._rng)
         self.stats.cert_renewals += 1
         log.info("%s: certificate renewed until %s", self.device_id, self.identity.not_after)

@@ -276,13 +276,14 @@ class Fleet:
             self.metrics.event("sent")
             next_at += interval
 
-    def withdraw(self, vd: VirtualDevice) -> None:
-        """Stop `vd`'s steady publishing; it owes only readings that reached the gateway.
+    def withdraw(self, vd: VirtualDevice, *, keep_publishing: bool = False) -> None:
+        """From now on `vd` owes only the readings that reached the gateway.
 
-        Its agent keeps running (a revoked device keeps trying to come back) until
-        `stop_agent` or the end of the run.
+        Unless `keep_publishing` (a revoked device does not know it is revoked and goes
+        on producing readings, all of them expected refusals), its steady publishing
+        stops. Its agent keeps running until `stop_agent` or the end of the run.
         """
-        vd.withdrawn = True
+        vd.withdrawn = not keep_publishing
         self.ledger.withdraw(vd.device_id)
 
     async def stop_agent(self, vd: VirtualDevice) -> None:

@@ -4,10 +4,11 @@ Owns: the verdict on a fleet's telemetry: for each device, the `seq` numbers han
 its outbox, the ones the gateway acknowledged (PUBACK), and the ones the verifying
 subscriber received; from those, losses (sent but never delivered; `lost_after_ack`
 counts those the gateway had acknowledged), duplicates (a `seq` delivered again,
-allowed by QoS 1) and reordering (a first delivery of a `seq` below one already seen). A device `withdraw`n mid-run
-(revoked, or turned hostile by a scenario) owes only what reached the gateway: its
-readings after the last one acknowledged or delivered are `excused` (expected
-refusals), neither sent nor lost; everything up to that one must still be delivered.
+allowed by QoS 1) and reordering (a first delivery of a `seq` below one already seen).
+A device `withdraw`n mid-run (revoked, or turned hostile by a scenario) owes only what
+reached the gateway: its readings after the last one acknowledged or delivered are
+`excused` (expected refusals), neither sent nor lost; everything up to that one must
+still be delivered.
 Must not: do I/O, read clocks or know about MQTT.
 
 A device's readings are numbered 1, 2, 3, ... by its outbox, so the ledger keeps ranges

@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from tests.collector import Collector
-from tests.gatewayproc import GatewayProcess, cli, init_gateway, run_cli, running_gateway, wait_for
+from tests.gatewayproc import (
+    GatewayProcess,
+    cli,
+    init_gateway,
+    run_cli,
+    running_gateway,
+    start_gateway,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -232,3 +240,21 @@ def test_certificate_renewed_during_a_run_without_a_gap(tmp_path: Path) -> None:
         assert status["cert_renewals"] >= 1
         assert (state / "identity").resolve().name != first_serial
         assert len(list((state / "ids").iterdir())) == 1  # the old key is gone
+
+
+def test_gateway_killed_and_restarted_loses_nothing(tmp_path: Path) -> None:
+    root = init_gateway(tmp_path / "gw", "token_burst = 50")
+    gw = start_gateway(root)
+    try:
+        state = tmp_path / "agent"
+        enroll_agent(gw, state, "ag-crash")
+        with Collector(gw, tmp_path) as sub:
+            proc = agent_run(state, "--interval", "0.02", "--count", "400")
+            wait_for(lambda: len(sub.seqs("ag-crash")) >= 80, timeout=60)
+            gw.stop(signal.SIGKILL)
+            gw = start_gateway(root, https_port=gw.https_port, mqtt_port=gw.mqtt_port)
+            rc, output = finish(proc, timeout=120)
+            assert rc == 0, output
+            wait_for(lambda: sub.has_all("ag-crash", 400), timeout=60)
+    finally:
+        gw.stop(signal.SIGKILL)
