@@ -13,11 +13,10 @@ import asyncio
 import json
 import logging
 import os
-import sqlite3
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from agent.enrollment import enroll
 from agent.errors import StateError
 from agent.gateway_client import GatewayClient
 from agent.identity import StateLayout, load_identity
-from shared.errors import GatepassError
+from shared.commandline import fail, run_command
 
 __all__ = ["main"]
 
@@ -35,23 +34,11 @@ ENV_PREFIX = "GATEPASS_AGENT_"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    command: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return command(args)
-    except GatepassError as exc:
-        return _fail(str(exc))
-    except sqlite3.Error as exc:
-        return _fail(f"outbox: {exc}")
-    except OSError as exc:
-        return _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
-    except KeyboardInterrupt:
-        return 130
+    return run_command(PROG, _parser().parse_args(argv), database="outbox")
 
 
 def _fail(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 1
+    return fail(PROG, message)
 
 
 def _parser() -> argparse.ArgumentParser:

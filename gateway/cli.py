@@ -11,10 +11,9 @@ import argparse
 import asyncio
 import json
 import logging
-import sqlite3
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from gateway.registry import DeviceRecord, Registry, validate_device_id
 from gateway.signing_keys import active_kids
 from gateway.statedir import StateDir
 from shared.acl import AclRule, expand_placeholders, rules_from_cli
-from shared.errors import GatepassError
+from shared.commandline import fail, run_command
 
 __all__ = ["main"]
 
@@ -36,24 +35,11 @@ PROG = "gatepass-gateway"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    command: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return command(args)
-    except GatepassError as exc:
-        return _fail(str(exc))
-    except sqlite3.Error as exc:
-        return _fail(f"registry: {exc}")
-    except OSError as exc:
-        return _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
-    except KeyboardInterrupt:
-        return 130
+    return run_command(PROG, _parser().parse_args(argv), database="registry")
 
 
 def _fail(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 1
+    return fail(PROG, message)
 
 
 def _parser() -> argparse.ArgumentParser:
