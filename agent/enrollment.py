@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.errors import CertificateMismatch, StateError
+from agent.errors import AgentError, CertificateMismatch, StateError
 from agent.gateway_client import GatewayClient
 from agent.identity import (
     DeviceIdentity,
@@ -59,6 +59,8 @@ def enroll(
     key = generate_p256_key()
     try:
         certs, reply = client.simpleenroll(device_id, secret, build_csr(key, device_id))
+        if mqtt_url is None:
+            mqtt_url = _advertised_mqtt(client)
     finally:
         client.close()
     leaf = _leaf_for(certs, key)
@@ -101,6 +103,15 @@ def _existing(state_dir: Path, device_id: str, gateway_url: str) -> DeviceIdenti
     if identity.not_after <= time.time():
         raise StateError(f"{state_dir}: certificate expired; re-register the device")
     return identity
+
+
+def _advertised_mqtt(client: GatewayClient) -> str | None:
+    """The MQTT URL the gateway advertises in its metadata (None if it has none)."""
+    try:
+        uri = client.metadata().get("mqtt_uri")
+    except AgentError:
+        return None  # `run --mqtt` can still name it
+    return uri if isinstance(uri, str) else None
 
 
 def _read_ca(ca_file: Path) -> bytes:

@@ -102,6 +102,13 @@ class GatewayClient:
 
     # --- OAuth -------------------------------------------------------------------------
 
+    def metadata(self) -> dict[str, Any]:
+        """RFC 8414 metadata; Gatepass adds `mqtt_uri`, where its MQTT listener is."""
+        reply = self._request("GET", "/.well-known/oauth-authorization-server")
+        if reply.status != 200:
+            raise GatewayRefused(f"metadata refused ({reply.status})", reply.status)
+        return _json(reply)
+
     def token(self, device_id: str) -> TokenGrant:
         body = f"grant_type=client_credentials&client_id={device_id}".encode()
         reply = self._request(

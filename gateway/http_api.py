@@ -151,7 +151,8 @@ async def jwks(request: web.Request) -> web.StreamResponse:
 
 async def metadata(request: web.Request) -> web.StreamResponse:
     base = f"https://{request.host}"
-    return web.json_response(request.app[GATEWAY_KEY].metadata(base))
+    host = request.url.host or "localhost"
+    return web.json_response(request.app[GATEWAY_KEY].metadata(base, host))
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:

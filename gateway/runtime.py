@@ -69,6 +69,7 @@ class Gateway:
             self.snapshot.keyring.verifying, issuer=settings.issuer, audience=settings.audience
         )
         self._listeners: list[Listener] = []
+        self.mqtt_port: int | None = None  # set by `serve` once the MQTT listener is bound
         self._data_version = registry.data_version()
 
     @classmethod
@@ -88,9 +89,13 @@ class Gateway:
     def jwks(self) -> dict[str, Any]:
         return self.snapshot.keyring.verifying.to_jwks()
 
-    def metadata(self, base_url: str) -> dict[str, Any]:
-        """RFC 8414 authorization server metadata."""
-        return {
+    def metadata(self, base_url: str, host: str) -> dict[str, Any]:
+        """RFC 8414 authorization server metadata, plus where the MQTT listener is."""
+        extra = {}
+        if self.mqtt_port is not None:
+            literal = f"[{host}]" if ":" in host else host
+            extra["mqtt_uri"] = f"mqtts://{literal}:{self.mqtt_port}"
+        return extra | {
             "issuer": self.settings.issuer,
             "token_endpoint": f"{base_url}/oauth2/token",
             "jwks_uri": f"{base_url}/.well-known/jwks.json",

@@ -29,6 +29,9 @@ log = logging.getLogger("gatepass.server")
 
 SHUTDOWN_TIMEOUT = 5.0
 LISTEN_BACKLOG = 4096
+# Idle kept-alive HTTPS connections are closed after this many seconds (agents reuse one
+# connection for token refreshes; an idle one costs a file descriptor and memory).
+KEEPALIVE_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +56,12 @@ async def run_gateway(
         state.ca_cert,
         require_client_cert=settings.require_client_cert,
     )
-    runner = web.AppRunner(build_app(gateway), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    runner = web.AppRunner(
+        build_app(gateway),
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
+    )
     await runner.setup()
     watcher: asyncio.Task[None] | None = None
     sessions: SessionStore | None = None
@@ -83,6 +91,7 @@ async def run_gateway(
             retired_kids=snapshot.retired_kids,
             session_store=sessions,
         ) as mqtt:
+            gateway.mqtt_port = mqtt.port
             gateway.on_change(lambda old, new: _push_to_broker(mqtt, old, new))
             watcher = asyncio.create_task(gateway.watch(), name="registry-watcher")
             state.write_endpoints(bound_https, mqtt.port)

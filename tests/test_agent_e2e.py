@@ -26,8 +26,10 @@ from tests.gatewayproc import (
 pytestmark = pytest.mark.timeout(240)
 
 
-def enroll_agent(gw: GatewayProcess, state: Path, device_id: str) -> None:
+def enroll_agent(gw: GatewayProcess, state: Path, device_id: str, *, mqtt: bool = True) -> None:
+    """`gatepass-agent enroll`; without `mqtt` the agent learns the MQTT URL itself."""
     secret = gw.add_device(device_id)
+    extra = ["--mqtt", f"mqtts://127.0.0.1:{gw.mqtt_port}"] if mqtt else []
     result = run_cli(
         "gatepass-agent",
         "enroll",
@@ -41,8 +43,7 @@ def enroll_agent(gw: GatewayProcess, state: Path, device_id: str) -> None:
         secret,
         "--state",
         str(state),
-        "--mqtt",
-        f"mqtts://127.0.0.1:{gw.mqtt_port}",
+        *extra,
     )
     assert "enrolled" in result.stdout
 
@@ -68,7 +69,7 @@ def finish(proc: subprocess.Popen[bytes], timeout: float = 120) -> tuple[int, st
 
 def test_enroll_then_run_count_200(gw: GatewayProcess, tmp_path: Path) -> None:
     state = tmp_path / "agent"
-    enroll_agent(gw, state, "ag-1")
+    enroll_agent(gw, state, "ag-1", mqtt=False)  # the exact command lines of the SPEC
     key_mode = stat.S_IMODE(os.stat(state / "identity" / "device.key").st_mode)
     assert key_mode == 0o600
     with Collector(gw, tmp_path) as sub:

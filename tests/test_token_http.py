@@ -79,6 +79,7 @@ def test_metadata(gw: GatewayProcess) -> None:
     assert meta["tls_client_certificate_bound_access_tokens"] is True
     assert meta["token_endpoint"].endswith("/oauth2/token")
     assert meta["jwks_uri"].endswith("/.well-known/jwks.json")
+    assert meta["mqtt_uri"] == f"mqtts://127.0.0.1:{gw.mqtt_port}"
 
 
 def test_refusals(gw: GatewayProcess, tmp_path: Path) -> None:
