@@ -214,6 +214,7 @@ class Device:
         if self._on_connected is not None:  # seconds for TCP + TLS + CONNACK
             self._on_connected(time.monotonic() - started)
         await self.link.subscribe(f"devices/{self.device_id}/commands/#", 1)
+        self._write_status()
         self.connected.set()
 
     async def _serve_connection(self) -> None:

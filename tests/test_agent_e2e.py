@@ -22,6 +22,8 @@ from tests.gatewayproc import (
     start_gateway,
     wait_for,
 )
+from tests.test_est_http import enroll, first_cert, make_csr, pkcs7_to_pem
+from tests.test_gateway_mqtt import Device, pub
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -259,3 +261,38 @@ def test_gateway_killed_and_restarted_loses_nothing(tmp_path: Path) -> None:
             wait_for(lambda: sub.has_all("ag-crash", 400), timeout=60)
     finally:
         gw.stop(signal.SIGKILL)
+
+
+def test_commands_reach_the_configured_program(gw: GatewayProcess, tmp_path: Path) -> None:
+    state = tmp_path / "agent"
+    enroll_agent(gw, state, "ag-cmd")
+    operator = _device_with_acl(gw, tmp_path, "operator", "--pub", "devices/+/commands/#")
+    out = tmp_path / "commands.txt"
+    proc = agent_run(state, "--interval", "1", "--command", f"sh -c 'cat >> {out}'")
+    try:
+        wait_for(lambda: _status(state).get("connects", 0) >= 1, timeout=30)
+        assert pub(gw, operator, "devices/ag-cmd/commands/reboot", "now").returncode == 0
+        wait_for(lambda: out.exists() and out.read_text() == "now", timeout=20)
+    finally:
+        proc.terminate()
+        rc, output = finish(proc, timeout=30)
+    assert rc == 0, output
+
+
+def _device_with_acl(gw: GatewayProcess, tmp: Path, name: str, *acl: str) -> Device:
+    folder = tmp / name
+    folder.mkdir()
+    secret = json.loads(gw.admin("device", "add", name, *acl, "--json").stdout)["secret"]
+    key, csr = make_csr(folder, name)
+    status, body, _ = enroll(gw, name, secret, csr)
+    assert status == 200, body
+    return Device(name, key, first_cert(folder, pkcs7_to_pem(folder, body, name), name))
+
+
+def _status(state: Path) -> dict[str, int]:
+    path = state / "status.json"
+    try:
+        data: dict[str, int] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data
