@@ -31,14 +31,21 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Self
 
 from shared.errors import GatepassError
+from shared.sqlite import (
+    Synchronous,
+    configure,
+    connect,
+    create_private_file,
+    write_transaction,
+)
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -49,8 +56,6 @@ __all__ = [
     "OutboxMessage",
     "Synchronous",
 ]
-
-Synchronous = Literal["FULL", "NORMAL"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -100,10 +105,8 @@ def _validate_message(topic: str, qos: int) -> None:
         raise ValueError(f"qos must be 0, 1 or 2, not {qos!r}")
 
 
-def _create_private_file(path: Path) -> None:
-    """Create `path` with mode 0600 if missing, so SQLite's WAL files inherit it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    os.close(fd)
+def _write_failed(exc: sqlite3.Error) -> OutboxError:
+    return OutboxError(f"outbox write failed: {exc}")
 
 
 class Outbox:
@@ -136,8 +139,8 @@ class Outbox:
             raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         file = Path(path)
         try:
-            _create_private_file(file)
-            conn = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
+            create_private_file(file)
+            conn = connect(file)
         except (OSError, sqlite3.Error) as exc:
             raise OutboxError(f"cannot open outbox {file}: {exc}") from exc
         try:
@@ -149,11 +152,7 @@ class Outbox:
 
     @staticmethod
     def _prepare(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
-        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise sqlite3.OperationalError(f"journal_mode WAL refused (got {mode})")
-        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        configure(conn, busy_timeout_ms=_BUSY_TIMEOUT_MS, synchronous=synchronous)
         conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
 
     # -- lifecycle -------------------------------------------------------------------
@@ -173,22 +172,9 @@ class Outbox:
     ) -> None:
         self.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """One write transaction: all of it is durable, or none of it happened."""
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise OutboxError(f"outbox write failed: {exc}") from exc
-        try:
-            yield self._conn
-            self._conn.execute("COMMIT")
-        except BaseException as exc:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise OutboxError(f"outbox write failed: {exc}") from exc
-            raise
+        return write_transaction(self._conn, _write_failed)
 
     # -- writing ---------------------------------------------------------------------
 

@@ -99,8 +99,9 @@ def gatepass(pki: MqttPki, device: Device) -> Iterator[Target]:
     limits = BrokerLimits(connect_rate=1e6, connect_burst=1_000_000)
 
     async def start() -> SecureBroker:
-        broker = SecureBroker(ssl_context=pki.server_context(), verifier=pki.verifier(),
-                              port=0, limits=limits)
+        broker = SecureBroker(
+            ssl_context=pki.server_context(), verifier=pki.verifier(), port=0, limits=limits
+        )
         await broker.start()
         return broker
 
@@ -135,10 +136,10 @@ def mosquitto(directory: Path) -> Iterator[Target | None]:
         return
     port = _free_port()
     conf = directory / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-                    "max_queued_messages 0\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n")
+    proc = subprocess.Popen(
+        [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
@@ -152,8 +153,9 @@ def mosquitto(directory: Path) -> Iterator[Target | None]:
 
 
 def _client(target: Target, client_id: str) -> paho.Client:
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=MQTTProtocolVersion.MQTTv311)
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv311
+    )
     target.configure(client, client_id)
     return client
 
@@ -230,28 +232,34 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1_000)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    report: dict[str, Any] = {"messages": args.messages, "clients": args.clients,
-                              "msgs_per_s": {}, "connects_per_s": {}}
+    report: dict[str, Any] = {
+        "messages": args.messages,
+        "clients": args.clients,
+        "msgs_per_s": {},
+        "connects_per_s": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         pki = make_pki(Path(tmp))
         device = pki.device("bench")
         with stock_amqtt() as stock:
             report["msgs_per_s"][stock.name] = {
-                f"qos{q}": throughput(stock, q, args.messages) for q in (0, 1)}
+                f"qos{q}": throughput(stock, q, args.messages) for q in (0, 1)
+            }
             report["connects_per_s"][stock.name] = connect_rate(stock, args.clients)
         with gatepass(pki, device) as ours:
             report["msgs_per_s"][ours.name] = {
-                f"qos{q}": throughput(ours, q, args.messages) for q in (0, 1)}
+                f"qos{q}": throughput(ours, q, args.messages) for q in (0, 1)
+            }
             report["connects_per_s"][ours.name] = connect_rate(ours, args.clients)
         with mosquitto(Path(tmp)) as mosq:
             if mosq is not None:
                 report["msgs_per_s"][mosq.name] = {
-                    f"qos{q}": throughput(mosq, q, args.messages) for q in (0, 1)}
+                    f"qos{q}": throughput(mosq, q, args.messages) for q in (0, 1)
+                }
     stock_rates = report["msgs_per_s"]["amqtt-stock-tcp"]
     ours_rates = report["msgs_per_s"]["gatepass-mtls-token-acl"]
     report["gatepass_vs_stock"] = {
-        q: round(ours_rates[q] / stock_rates[q], 2) if stock_rates[q] else None
-        for q in stock_rates
+        q: round(ours_rates[q] / stock_rates[q], 2) if stock_rates[q] else None for q in stock_rates
     }
     print(json.dumps(report, indent=2))
 

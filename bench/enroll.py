@@ -54,7 +54,6 @@ import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import ssl  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
@@ -64,6 +63,7 @@ from pathlib import Path  # noqa: E402
 
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
+from bench._common import UNLIMITED_ENV, server_cpu_seconds, stop_gateway  # noqa: E402
 from gateway.enrollment_secrets import hash_secret, new_secret  # noqa: E402
 from gateway.registry import Registry  # noqa: E402
 from gateway.tls import client_context  # noqa: E402
@@ -76,13 +76,6 @@ __all__ = ["EnrollJob", "main"]
 ENROLL_PATH = "/.well-known/est/simpleenroll"
 HEALTH_PATH = "/healthz"
 TIMEOUT_S = 15.0
-# The bench measures capacity, not the rate limits: lift them far out of reach.
-UNLIMITED_ENV = {
-    "GATEPASS_TOKEN_RATE_PER_MINUTE": "1000000000",
-    "GATEPASS_TOKEN_BURST": "1000000000",
-    "GATEPASS_FAILURE_RATE_PER_MINUTE": "1000000000",
-    "GATEPASS_FAILURE_BURST": "1000000000",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,15 +152,6 @@ def _handshake_chunk(count: int) -> ChunkResult:
 
 
 # --- measuring -----------------------------------------------------------------------
-
-
-def server_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of process `pid` (all its threads), or None off Linux."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,15 +274,6 @@ def bench(
         "cpus": os.cpu_count(),
         "tls": "fresh connection per request, full handshake, no resumption",
     }
-
-
-def stop_gateway(gw: GatewayProcess) -> None:
-    """SIGTERM (the gateway drains and exits), SIGKILL if it has not within 10 s."""
-    try:
-        gw.stop(timeout=10)
-    except subprocess.TimeoutExpired:
-        gw.proc.kill()
-        gw.proc.wait(timeout=10)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

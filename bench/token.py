@@ -44,7 +44,6 @@ import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import ssl  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
@@ -54,6 +53,7 @@ from pathlib import Path  # noqa: E402
 
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
+from bench._common import UNLIMITED_ENV, server_cpu_seconds, stop_gateway  # noqa: E402
 from gateway.tls import client_context  # noqa: E402
 from shared.pki import (  # noqa: E402
     build_csr,
@@ -71,12 +71,6 @@ TOKEN_BODY = b"grant_type=client_credentials"
 TOKEN_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 TIMEOUT_S = 15.0
 DEVICE_ID = "bench-token-1"
-UNLIMITED_ENV = {
-    "GATEPASS_TOKEN_RATE_PER_MINUTE": "1000000000",
-    "GATEPASS_TOKEN_BURST": "1000000000",
-    "GATEPASS_FAILURE_RATE_PER_MINUTE": "1000000000",
-    "GATEPASS_FAILURE_BURST": "1000000000",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,15 +144,6 @@ def _fresh_connections(job: tuple[str, int]) -> int:
 
 
 # --- measuring -----------------------------------------------------------------------
-
-
-def server_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of process `pid` (all its threads), or None off Linux."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def timed(run: Callable[[], int], pid: int) -> Sample:
@@ -255,15 +240,6 @@ def enroll_device(gw: GatewayProcess, work: Path) -> Tls:
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     write_private_key(key_file, key)
     return Tls(str(gw.ca), str(cert_file), str(key_file), "127.0.0.1", gw.https_port)
-
-
-def stop_gateway(gw: GatewayProcess) -> None:
-    """SIGTERM (the gateway drains and exits), SIGKILL if it has not within 10 s."""
-    try:
-        gw.stop(timeout=10)
-    except subprocess.TimeoutExpired:
-        gw.proc.kill()
-        gw.proc.wait(timeout=10)
 
 
 # --- the bench -----------------------------------------------------------------------

@@ -72,7 +72,7 @@ def parse_est_body(body: bytes) -> x509.CertificateSigningRequest:
         raise BadRequest("body is not base64", cause=f"base64: {exc}") from exc
     try:
         csr = x509.load_der_x509_csr(der)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise BadRequest("body is not a DER PKCS#10 request", cause=f"DER: {exc}") from exc
     _readable_subject(csr)
     _readable_extensions(csr)

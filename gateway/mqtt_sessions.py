@@ -38,12 +38,12 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Literal, Self
+from typing import Final, Self
 
 from pydantic import ValidationError
 
@@ -51,6 +51,13 @@ from gateway.errors import GatewayError
 from gateway.mqtt_policy import SessionState
 from shared.acl import AclRule, CompiledAcl, rules_from_claim, rules_to_claim
 from shared.errors import AccessDenied
+from shared.sqlite import (
+    Synchronous,
+    configure,
+    connect,
+    create_private_file,
+    write_transaction,
+)
 
 __all__ = [
     "DEFAULT_IDLE_EXPIRY",
@@ -73,8 +80,6 @@ DURABLE_QOS: Final = 1
 """Only QoS 1 messages are kept on disk (QoS 0 is never queued; no device uses QoS 2)."""
 _BUSY_TIMEOUT_MS: Final = 5000
 _SCHEMA_VERSION: Final = 1
-
-Synchronous = Literal["FULL", "NORMAL"]
 
 
 class SessionStoreError(GatewayError):
@@ -216,19 +221,12 @@ DELETE FROM queued WHERE client_id = ?1 AND id <= (
 """
 
 
-def _create_private_file(path: Path) -> None:
-    """Create `path` with mode 0600 if missing, so SQLite's WAL files inherit it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    os.close(fd)
+def _write_failed(exc: sqlite3.Error) -> SessionStoreError:
+    return SessionStoreError(f"session store write failed: {exc}")
 
 
 def _prepare(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
-    conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        raise sqlite3.OperationalError(f"journal_mode WAL refused (got {mode})")
-    conn.execute(f"PRAGMA synchronous = {synchronous}")
-    conn.execute("PRAGMA foreign_keys = ON")
+    configure(conn, busy_timeout_ms=_BUSY_TIMEOUT_MS, synchronous=synchronous, foreign_keys=True)
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     if version > _SCHEMA_VERSION:
         raise sqlite3.OperationalError(f"schema version {version} is newer than this gateway")
@@ -267,8 +265,8 @@ class SessionStore:
             raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         file = Path(path)
         try:
-            _create_private_file(file)
-            conn = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
+            create_private_file(file)
+            conn = connect(file)
         except (OSError, sqlite3.Error) as exc:
             raise SessionStoreError(f"cannot open session store {file}: {exc}") from exc
         try:
@@ -297,23 +295,9 @@ class SessionStore:
     ) -> None:
         self.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """One write transaction: all of it is durable, or none of it happened."""
-        conn = self._conn
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise SessionStoreError(f"session store write failed: {exc}") from exc
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise SessionStoreError(f"session store write failed: {exc}") from exc
-            raise
+        return write_transaction(self._conn, _write_failed)
 
     # -- sessions ----------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from gateway.errors import RegistryError, Unauthorized
 from gateway.signing_keys import KeyRecord
 from shared.acl import AclRule, rules_from_claim, rules_to_claim
 from shared.pki import cert_fingerprint
+from shared.sqlite import JournalModeRefused, configure, connect
 
 __all__ = [
     "BUSY_TIMEOUT_SECONDS",
@@ -223,9 +224,7 @@ class Registry:
     @classmethod
     def open(cls, path: Path) -> Registry:
         """Open (creating if needed) the registry at `path` and bring its schema up to date."""
-        conn = sqlite3.connect(
-            path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
-        )
+        conn = connect(path, timeout=BUSY_TIMEOUT_SECONDS)
         try:
             _configure(conn)
             _migrate(conn)
@@ -506,12 +505,15 @@ _STATUSES: Final = frozenset(get_args(DeviceStatus))
 
 
 def _configure(conn: sqlite3.Connection) -> None:
-    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        raise RegistryError(f"registry cannot use WAL mode (got {mode!r})")
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("PRAGMA foreign_keys = ON")
+    try:
+        configure(
+            conn,
+            busy_timeout_ms=int(BUSY_TIMEOUT_SECONDS * 1000),
+            synchronous="FULL",
+            foreign_keys=True,
+        )
+    except JournalModeRefused as exc:
+        raise RegistryError(f"registry cannot use WAL mode (got {exc.mode!r})") from exc
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

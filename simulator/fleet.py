@@ -62,8 +62,8 @@ class VirtualDevice:
     agent: Device | None = None
     task: asyncio.Task[int] | None = None
     connected_once: bool = False
-    withdrawn: bool = False
-    """Taken out of steady publishing by a scenario (revoked, or hostile)."""
+    publishing_stopped: bool = False
+    """Taken out of steady publishing by a scenario (`Fleet.withdraw`, e.g. hostile)."""
     reconnect_ms: list[float] = field(default_factory=list)
 
     def require_agent(self) -> Device:
@@ -269,7 +269,7 @@ class Fleet:
         next_at = time.monotonic() + offset
         while next_at < stop_at:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            if vd.withdrawn:
+            if vd.publishing_stopped:
                 return
             seq = agent.publish_reading()
             self.ledger.sent(vd.device_id, seq)
@@ -283,7 +283,7 @@ class Fleet:
         on producing readings, all of them expected refusals), its steady publishing
         stops. Its agent keeps running until `stop_agent` or the end of the run.
         """
-        vd.withdrawn = not keep_publishing
+        vd.publishing_stopped = not keep_publishing
         self.ledger.withdraw(vd.device_id)
 
     async def stop_agent(self, vd: VirtualDevice) -> None:

@@ -15,7 +15,8 @@ fleet, the metrics, a seeded RNG, a clock for the steady phase) and `ScenarioOut
                               `scenario`; any `failures` make the run exit non-zero
 
 Attacks are counted with `ctx.metrics.attacks.attempt(kind, refused=...)`; one not
-refused makes the run fail. Must not: implement scenarios (`simulator.scenarios` does).
+refused makes the run fail. Must not: implement scenarios (`simulator.scenarios` and
+the modules it registers do).
 """
 
 from __future__ import annotations

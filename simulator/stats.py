@@ -9,8 +9,10 @@ Must not: measure, print or render anything.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "HistogramBin",
@@ -18,6 +20,7 @@ __all__ = [
     "Timeline",
     "histogram",
     "percentile",
+    "spread",
     "summarize",
 ]
 
@@ -63,6 +66,13 @@ def summarize(samples_ms: Iterable[float]) -> LatencySummary:
         p99=_r(percentile(ordered, 99)),
         max=_r(ordered[-1]),
     )
+
+
+def spread(values: list[int]) -> dict[str, Any]:
+    """Min, mean (two decimals) and max of per-device counts; None each when empty."""
+    if not values:
+        return {"min": None, "mean": None, "max": None}
+    return {"min": min(values), "mean": round(statistics.fmean(values), 2), "max": max(values)}
 
 
 def _r(value: float) -> float:

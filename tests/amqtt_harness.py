@@ -97,8 +97,12 @@ class BrokerProcess:
 
     async def start(self, timeout: float = 30.0) -> int:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _BROKER_MAIN, str(self.port),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            sys.executable,
+            "-c",
+            _BROKER_MAIN,
+            str(self.port),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), timeout)

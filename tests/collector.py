@@ -3,7 +3,8 @@
 It is a backend device of its own (certificate from EST via openssl/curl, tokens from
 the token endpoint via curl), with a persistent session, that fetches a fresh token
 before every reconnect, and records every `seq` it receives per device, duplicates
-included.
+included (`SeqRecorder`, which the RabbitMQ backend in `tests/test_agent_rabbitmq.py`
+uses too).
 """
 
 from __future__ import annotations
@@ -20,6 +21,29 @@ from paho.mqtt.enums import CallbackAPIVersion
 from tests.gatewayproc import GatewayProcess, wait_for
 from tests.test_est_http import enroll, first_cert, make_csr, pkcs7_to_pem
 from tests.test_token_http import get_token
+
+
+class SeqRecorder:
+    """Every `seq` received per device (from JSON readings), duplicates included.
+
+    `on_message` is a paho `on_message` callback; it runs on paho's network thread.
+    """
+
+    def __init__(self) -> None:
+        self._received: dict[str, list[int]] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        body = json.loads(message.payload)
+        with self._lock:
+            self._received[str(body["device_id"])].append(int(body["seq"]))
+
+    def seqs(self, device_id: str) -> list[int]:
+        with self._lock:
+            return list(self._received[device_id])
+
+    def has_all(self, device_id: str, count: int) -> bool:
+        return set(self.seqs(device_id)) >= set(range(1, count + 1))
 
 
 class Collector:
@@ -42,9 +66,8 @@ class Collector:
         status, body, _ = enroll(gw, name, secret, csr)
         assert status == 200
         self.cert = first_cert(folder, pkcs7_to_pem(folder, body, name), name)
-        self.received: dict[str, list[int]] = defaultdict(list)
+        self.readings = SeqRecorder()
         self.subscribed = threading.Event()
-        self._lock = threading.Lock()
         self.client = self._client()
 
     def _client(self) -> paho.Client:
@@ -57,10 +80,10 @@ class Collector:
         ctx = ssl.create_default_context(cafile=str(self.gw.ca))
         ctx.load_cert_chain(str(self.cert), str(self.key))
         client.tls_set_context(ctx)
-        client.reconnect_delay_set(0.05, 1)
+        client.reconnect_delay_set(0.05, 1)  # type: ignore[arg-type]  # floats work; the stub says int
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
+        client.on_message = self.readings.on_message
         client.on_subscribe = lambda *args: self.subscribed.set()
         return client
 
@@ -101,14 +124,8 @@ class Collector:
         except (AssertionError, OSError, ValueError):
             pass
 
-    def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
-        body = json.loads(message.payload)
-        with self._lock:
-            self.received[str(body["device_id"])].append(int(body["seq"]))
-
     def seqs(self, device_id: str) -> list[int]:
-        with self._lock:
-            return list(self.received[device_id])
+        return self.readings.seqs(device_id)
 
     def has_all(self, device_id: str, count: int) -> bool:
-        return set(self.seqs(device_id)) >= set(range(1, count + 1))
+        return self.readings.has_all(device_id, count)

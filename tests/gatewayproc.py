@@ -42,7 +42,7 @@ def run_cli(
     return proc
 
 
-def wait_for(condition: Callable[[], T], timeout: float = 15.0, interval: float = 0.02) -> T:
+def wait_for(condition: Callable[[], T | None], timeout: float = 15.0, interval: float = 0.02) -> T:
     """Poll `condition` until it returns something truthy, or fail at the deadline."""
     deadline = time.monotonic() + timeout
     while True:

@@ -5,7 +5,9 @@ its own epmd on 127.0.0.1 at a dedicated port (`ERL_EPMD_PORT`, so a system epmd
 another cluster is never touched), and per node its config, plugins file, mnesia and
 log directories and free ports. Readiness is `rabbitmqctl wait PIDFILE` with a
 deadline; teardown stops every node (SIGTERM, then SIGKILL after a deadline) and the
-cluster's own epmd. Nothing sleeps a fixed time.
+cluster's own epmd. Nothing sleeps a fixed time. `rabbitmq_gateway` and
+`gateway_cluster` are what the RabbitMQ test modules' shared fixtures start: a gateway
+with the RabbitMQ profile and a cluster configured from its `rabbitmq config`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.gatewayproc import GatewayProcess, init_gateway, running_gateway
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 PLUGINS = "[rabbitmq_mqtt,rabbitmq_auth_backend_oauth2,rabbitmq_management].\n"
@@ -235,3 +239,26 @@ def rabbit_cluster(base: Path, profile_conf: str, size: int = 2) -> Iterator[Rab
         yield cluster
     finally:
         cluster.stop()
+
+
+@contextlib.contextmanager
+def rabbitmq_gateway(base: Path, token_lifetime: int) -> Iterator[GatewayProcess]:
+    """A running gateway in `base / "gw"` with the RabbitMQ profile and a generous
+    token rate limit (tests fetch many tokens)."""
+    root = init_gateway(
+        base / "gw",
+        "rabbitmq = true",
+        f"token_lifetime = {token_lifetime}",
+        "token_rate_per_minute = 600.0",
+        "token_burst = 100",
+    )
+    with running_gateway(root) as gateway:
+        yield gateway
+
+
+@contextlib.contextmanager
+def gateway_cluster(gw: GatewayProcess, base: Path) -> Iterator[RabbitCluster]:
+    """A 2-node cluster in `base`, configured from `gw`'s `rabbitmq config`."""
+    conf = gw.admin("rabbitmq", "config", "--out", str(base / "keys")).stdout
+    with rabbit_cluster(base, conf) as started:
+        yield started

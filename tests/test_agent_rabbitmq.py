@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import threading
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,13 +25,15 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.gatewayproc import GatewayProcess, cli, init_gateway, run_cli, running_gateway, wait_for
+from tests.collector import SeqRecorder
+from tests.gatewayproc import GatewayProcess, cli, run_cli, wait_for
 from tests.rabbitmqproc import (
     MANAGEMENT_PASSWORD,
     MANAGEMENT_USER,
     RabbitCluster,
     RabbitNode,
-    rabbit_cluster,
+    gateway_cluster,
+    rabbitmq_gateway,
 )
 from tests.test_agent_e2e import agent_run, enroll_agent, finish
 from tests.test_rabbitmq import Device, enroll_device
@@ -48,14 +49,7 @@ TELEMETRY = "devices/+/telemetry"
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    root = init_gateway(
-        tmp_path_factory.mktemp("agent-rmq-gw") / "gw",
-        "rabbitmq = true",
-        f"token_lifetime = {TOKEN_LIFETIME}",
-        "token_rate_per_minute = 600.0",
-        "token_burst = 100",
-    )
-    with running_gateway(root) as gateway:
+    with rabbitmq_gateway(tmp_path_factory.mktemp("agent-rmq-gw"), TOKEN_LIFETIME) as gateway:
         yield gateway
 
 
@@ -63,9 +57,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
 def cluster(
     gw: GatewayProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RabbitCluster]:
-    base = tmp_path_factory.mktemp("agent-rmq")
-    conf = gw.admin("rabbitmq", "config", "--out", str(base / "keys")).stdout
-    with rabbit_cluster(base, conf) as started:
+    with gateway_cluster(gw, tmp_path_factory.mktemp("agent-rmq")) as started:
         yield started
 
 
@@ -121,11 +113,10 @@ class RabbitBackend:
     def __init__(self, device: Device, node: RabbitNode) -> None:
         self.device = device
         self.node = node
-        self.received: dict[str, list[int]] = defaultdict(list)
+        self.readings = SeqRecorder()
         self.connects = 0
         self.disconnects = 0
         self._subscribed = threading.Event()
-        self._lock = threading.Lock()
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=device.device_id,
@@ -135,7 +126,7 @@ class RabbitBackend:
         self.client.reconnect_delay_set(min_delay=1, max_delay=2)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
+        self.client.on_message = self.readings.on_message
         self.client.on_subscribe = lambda *args: self._subscribed.set()
 
     def __enter__(self) -> RabbitBackend:
@@ -165,17 +156,11 @@ class RabbitBackend:
         except (AssertionError, OSError, ValueError):
             pass  # retried at the next disconnect
 
-    def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
-        body = json.loads(message.payload)
-        with self._lock:
-            self.received[str(body["device_id"])].append(int(body["seq"]))
-
     def seqs(self, device_id: str) -> list[int]:
-        with self._lock:
-            return list(self.received[device_id])
+        return self.readings.seqs(device_id)
 
     def has_all(self, device_id: str, count: int) -> bool:
-        return set(self.seqs(device_id)) >= set(range(1, count + 1))
+        return self.readings.has_all(device_id, count)
 
 
 def agent_status(state: Path) -> dict[str, object]:

@@ -108,9 +108,9 @@ def test_strict_validation(bad: dict[str, Any]) -> None:
 def test_models_are_frozen() -> None:
     claims = parse(payload())
     with pytest.raises(ValidationError):
-        claims.exp = 5  # type: ignore[misc]
+        claims.exp = 5  # type: ignore[misc,unused-ignore]
     with pytest.raises(ValidationError):
-        claims.acl[0].topic = "#"  # type: ignore[misc]
+        claims.acl[0].topic = "#"  # type: ignore[misc,unused-ignore]
 
 
 def test_confirmation_accepts_only_the_wire_name() -> None:

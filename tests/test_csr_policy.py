@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from gateway.csr_policy import check_csr, parse_est_body, spki_sha256
 from gateway.errors import BadRequest, ClientError, Forbidden
+from shared.pki import build_csr, generate_p256_key
 
 SigningKey = (
     ec.EllipticCurvePrivateKey
@@ -298,3 +299,12 @@ def test_spki_sha256_differs_per_key_and_matches_across_types() -> None:
     assert len(digest) == 32
     assert digest == spki_sha256(make_csr(key).public_key())
     assert digest != spki_sha256(other.public_key())
+
+
+def test_unknown_csr_version_is_bad_request() -> None:
+    # Found by the fuzz test: cryptography raises InvalidVersion, not ValueError.
+    der = build_csr(generate_p256_key(), "dev-1").public_bytes(serialization.Encoding.DER)
+    version = der.index(b"\x02\x01\x00")  # CertificationRequestInfo.version = 0
+    mutated = der[:version] + b"\x02\x01\x05" + der[version + 3 :]
+    with pytest.raises(BadRequest):
+        parse_est_body(base64.b64encode(mutated))

@@ -75,7 +75,7 @@ def test_keyset_mapping_behaviour() -> None:
     assert len(keys) == 2 and set(keys) == {KEY.kid, OTHER.kid}
     assert KEY.kid in repr(keys)
     with pytest.raises(AttributeError):
-        keys._keys = {}  # type: ignore[misc]
+        keys._keys = {}  # type: ignore[misc,unused-ignore]
 
 
 def test_keyset_with_and_without_return_new_sets() -> None:

@@ -505,21 +505,24 @@ async def test_hole_offline_queue_is_bounded(pki: MqttPki) -> None:
     # Stock amqtt 0.12.1 queues messages for an offline persistent session without
     # bound. Closed by _retain_broadcast_message: the oldest are dropped and counted.
     limits = BrokerLimits(max_offline_queue=2)
-    async with SecureBroker(ssl_context=pki.server_context(), verifier=pki.verifier(),
-                            port=0, limits=limits) as broker:
+    async with SecureBroker(
+        ssl_context=pki.server_context(), verifier=pki.verifier(), port=0, limits=limits
+    ) as broker:
         dev, cmd = pki.device("dev-1"), pki.device("backend")
         first = await device_client(pki, broker.port, dev, clean_session=False).connected()
         mid = first.subscribe("devices/dev-1/commands/#", qos=1)
         await wait_until(lambda: mid in first.suback)
         await stopped(first)
         commander_acl = entries(("allow", "publish", "devices/+/commands/#"))
-        commander = await device_client(pki, broker.port, cmd,
-                                        token=pki.token(cmd, acl=commander_acl)).connected()
+        commander = await device_client(
+            pki, broker.port, cmd, token=pki.token(cmd, acl=commander_acl)
+        ).connected()
         await wait_until(lambda: broker.live_sessions == 1)
         mids = [commander.publish("devices/dev-1/commands/x", b"%d" % i) for i in range(4)]
         await wait_until(lambda: set(mids) <= commander.acked)
-        await wait_until(lambda: metric(broker, "gatepass_mqtt_messages_dropped_total",
-                                        queue="offline") == 2)
+        await wait_until(
+            lambda: metric(broker, "gatepass_mqtt_messages_dropped_total", queue="offline") == 2
+        )
         second = await device_client(pki, broker.port, dev, clean_session=False).connected()
         await wait_until(lambda: second.payloads() == [b"2", b"3"], what="newest two")
         await stopped(commander, second)

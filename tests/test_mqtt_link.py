@@ -313,7 +313,12 @@ async def test_tls_connect_publish_and_wrong_ca(tmp_path: Path) -> None:
         await link.connect(HOST, b.port, client_id="tls-dev", tls_context=ctx)
         got: list[InboundMessage] = []
         changed = asyncio.Event()
-        link.on_message = lambda m: (got.append(m), changed.set())  # type: ignore[func-returns-value]
+
+        def on_message(message: InboundMessage) -> None:
+            got.append(message)
+            changed.set()
+
+        link.on_message = on_message
         await link.subscribe("echo/#")
         n = 100
         await asyncio.wait_for(

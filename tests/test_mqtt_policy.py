@@ -15,6 +15,7 @@ from gateway.mqtt_policy import (
     PublishRefused,
     RefusalReason,
     SessionIndex,
+    SessionState,
     SubscribeRefused,
     admit,
     check_publish,
@@ -72,7 +73,7 @@ def decide(
     revoked: frozenset[str] = frozenset(),
     retired: frozenset[str] = frozenset(),
     now: float = NOW + 1,
-):
+) -> SessionState:
     return admit(req, verifier=VERIFIER, revoked=revoked, retired_kids=retired, now=now)
 
 
@@ -159,7 +160,7 @@ def test_decisions_end_at_exp() -> None:
 def test_session_state_is_frozen_and_consistent() -> None:
     state = decide(request())
     with pytest.raises(AttributeError):
-        state.exp = 0  # type: ignore[misc]
+        state.exp = 0  # type: ignore[misc,unused-ignore]
     with pytest.raises(ValueError, match="device id"):
         replace(state, client_id="other")
 

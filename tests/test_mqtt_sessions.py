@@ -15,6 +15,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -242,7 +243,7 @@ def pki(tmp_path: Path) -> MqttPki:
 
 
 def backend_client(
-    pki: MqttPki, port: int, backend: Device, acl: object = BACKEND_ACL, **kwargs: object
+    pki: MqttPki, port: int, backend: Device, acl: object = BACKEND_ACL, **kwargs: Any
 ) -> MqttClient:
     token = pki.token(backend, acl=acl)  # type: ignore[arg-type]
     return device_client(pki, port, backend, token=token, clean_session=False, **kwargs)

@@ -230,8 +230,9 @@ def test_sigkill_mid_write_never_skips_or_reuses_seq(tmp_path: Path, round_: int
         max_size=40,
     )
 )
-def test_behaves_like_a_bounded_fifo(tmp_path_factory: pytest.TempPathFactory,
-                                     ops: list[tuple[str, object]]) -> None:
+def test_behaves_like_a_bounded_fifo(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, object]]
+) -> None:
     max_messages, max_bytes = 5, 40
     path = tmp_path_factory.mktemp("prop") / "o.db"
     box = _open(path, max_messages, max_bytes)

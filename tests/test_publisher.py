@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,7 +79,7 @@ class FakeLink:
         self.max_in_flight = max(self.max_in_flight, self.in_flight())
         self.changed.set()
         if self.auto_ack:  # the "broker" answers on a later loop iteration
-            loop.call_soon(lambda: fut.done() or fut.set_result(None))
+            loop.call_soon(_resolve, fut)
         return fut
 
     def in_flight(self) -> int:
@@ -204,7 +205,12 @@ class Supervisor:
             self.ended.set()
 
 
-async def _stop(task: asyncio.Task[None], link: MqttLink) -> None:
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _stop(task: asyncio.Task[Any], link: MqttLink) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
@@ -224,8 +230,12 @@ async def test_all_readings_delivered_through_real_broker(
         sup = Supervisor(pub, lambda: broker.port, allowed)
         task = asyncio.create_task(sup.run())
         await asyncio.wait_for(pub.wait_drained(), DEADLINE_S)
-        await wait_until(lambda: set(_seqs(subscriber.payloads())) >= set(range(1, n + 1)),
-                         subscriber.changed, timeout=DEADLINE_S, what="every reading")
+        await wait_until(
+            lambda: set(_seqs(subscriber.payloads())) >= set(range(1, n + 1)),
+            subscriber.changed,
+            timeout=DEADLINE_S,
+            what="every reading",
+        )
         await _stop(task, sup.link)
     assert pub.stats.acked == n
 
@@ -247,8 +257,12 @@ async def test_network_cuts_lose_nothing(
             while produced < cut_at + 100:
                 pub.enqueue_telemetry(TOPIC, _reading)
                 produced += 1
-            await wait_until(lambda c=cut_at: len(subscriber.payloads()) >= c,  # type: ignore[misc]
-                             subscriber.changed, timeout=DEADLINE_S, what="progress")
+            await wait_until(
+                lambda c=cut_at: len(subscriber.payloads()) >= c,  # type: ignore[misc]
+                subscriber.changed,
+                timeout=DEADLINE_S,
+                what="progress",
+            )
             allowed.clear()
             proxy.up = False
             sup.ended.clear()
@@ -260,8 +274,12 @@ async def test_network_cuts_lose_nothing(
             pub.enqueue_telemetry(TOPIC, _reading)
             produced += 1
         await asyncio.wait_for(pub.wait_drained(), DEADLINE_S)
-        await wait_until(lambda: set(_seqs(subscriber.payloads())) >= set(range(1, n + 1)),
-                         subscriber.changed, timeout=DEADLINE_S, what="every reading")
+        await wait_until(
+            lambda: set(_seqs(subscriber.payloads())) >= set(range(1, n + 1)),
+            subscriber.changed,
+            timeout=DEADLINE_S,
+            what="every reading",
+        )
         await _stop(task, sup.link)
     await proxy.close()
     counts = Counter(_seqs(subscriber.payloads()))
@@ -289,8 +307,12 @@ async def test_broker_killed_and_restarted_mid_stream(tmp_path: Path) -> None:
             allowed.set()
             sup = Supervisor(pub, lambda: broker.port, allowed)
             task = asyncio.create_task(sup.run())
-            await wait_until(lambda: len(subscriber.payloads()) >= n // 3, subscriber.changed,
-                             timeout=DEADLINE_S, what="a third of the readings")
+            await wait_until(
+                lambda: len(subscriber.payloads()) >= n // 3,
+                subscriber.changed,
+                timeout=DEADLINE_S,
+                what="a third of the readings",
+            )
             allowed.clear()
             await broker.kill()
             await asyncio.wait_for(sup.ended.wait(), DEADLINE_S)
@@ -300,8 +322,12 @@ async def test_broker_killed_and_restarted_mid_stream(tmp_path: Path) -> None:
             allowed.set()
             await asyncio.wait_for(pub.wait_drained(), DEADLINE_S)
             not_acked_before = set(range(1, n + 1)) - acked_by_first_broker
-            await wait_until(lambda: set(_seqs(subscriber.payloads())) >= not_acked_before,
-                             subscriber.changed, timeout=DEADLINE_S, what="the rest")
+            await wait_until(
+                lambda: set(_seqs(subscriber.payloads())) >= not_acked_before,
+                subscriber.changed,
+                timeout=DEADLINE_S,
+                what="the rest",
+            )
             await _stop(task, sup.link)
             assert box.depth() == 0
     finally:
@@ -333,8 +359,9 @@ async def test_agent_restart_resends_from_disk(
     link = MqttLink()
     await link.connect(HOST, broker.port, client_id="dev-1")
     task = asyncio.create_task(pub.run(link))
-    await wait_until(lambda: pub.stats.acked >= 60, subscriber.changed, timeout=DEADLINE_S,
-                     what="some acks")
+    await wait_until(
+        lambda: pub.stats.acked >= 60, subscriber.changed, timeout=DEADLINE_S, what="some acks"
+    )
     # "crash": the process dies with PUBLISHes in flight and nothing flushed politely
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -350,6 +377,10 @@ async def test_agent_restart_resends_from_disk(
         await link2.connect(HOST, broker.port, client_id="dev-1")
         task2 = asyncio.create_task(pub2.run(link2))
         await asyncio.wait_for(pub2.wait_drained(), DEADLINE_S)
-        await wait_until(lambda: set(_seqs(subscriber.payloads())) >= set(range(1, n + 1)),
-                         subscriber.changed, timeout=DEADLINE_S, what="every reading")
+        await wait_until(
+            lambda: set(_seqs(subscriber.payloads())) >= set(range(1, n + 1)),
+            subscriber.changed,
+            timeout=DEADLINE_S,
+            what="every reading",
+        )
         await _stop(task2, link2)

@@ -24,20 +24,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.rabbitmq import wildcard_match
-from tests.gatewayproc import (
-    GatewayProcess,
-    cli,
-    init_gateway,
-    run_cli,
-    running_gateway,
-    wait_for,
-)
+from tests.gatewayproc import GatewayProcess, cli, run_cli, wait_for
 from tests.rabbitmqproc import (
     MANAGEMENT_PASSWORD,
     MANAGEMENT_USER,
     RabbitCluster,
     RabbitNode,
-    rabbit_cluster,
+    gateway_cluster,
+    rabbitmq_gateway,
 )
 from tests.test_est_http import enroll, first_cert, make_csr, pkcs7_to_pem
 from tests.test_token_http import get_token
@@ -50,14 +44,7 @@ ENFORCE_WITHIN = 2.0
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    root = init_gateway(
-        tmp_path_factory.mktemp("rmq-gw") / "gw",
-        "rabbitmq = true",
-        f"token_lifetime = {TOKEN_LIFETIME}",
-        "token_rate_per_minute = 600.0",
-        "token_burst = 100",
-    )
-    with running_gateway(root) as gateway:
+    with rabbitmq_gateway(tmp_path_factory.mktemp("rmq-gw"), TOKEN_LIFETIME) as gateway:
         yield gateway
 
 
@@ -65,9 +52,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
 def cluster(
     gw: GatewayProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RabbitCluster]:
-    base = tmp_path_factory.mktemp("rmq")
-    conf = gw.admin("rabbitmq", "config", "--out", str(base / "keys")).stdout
-    with rabbit_cluster(base, conf) as started:
+    with gateway_cluster(gw, tmp_path_factory.mktemp("rmq")) as started:
         yield started
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from simulator.ledger import DeliveryLedger
 from simulator.scenarios import SPEC_REFUSAL, token_kid
 from tests.gatewayproc import cli
 
@@ -55,6 +56,40 @@ def test_token_kid_reads_the_header() -> None:
     assert token_kid(f"{header}.e30.c2ln") == "k1"
     assert token_kid("not-a-token") is None
     assert token_kid(None) is None
+
+
+def test_a_withdrawn_device_owes_only_what_reached_the_gateway() -> None:
+    """The bookkeeping `revoke` and `attack` rely on (pure, no sockets)."""
+    ledger = DeliveryLedger(["d1", "d2"])
+    for seq in range(1, 9):
+        ledger.sent("d1", seq)
+        ledger.sent("d2", seq)
+    for seq in range(1, 5):
+        ledger.acked("d1", seq)
+        ledger.delivered("d1", seq)
+    ledger.delivered("d1", 5)  # handed to subscribers, PUBACK lost with the session
+    for seq in range(1, 9):
+        ledger.acked("d2", seq)
+        ledger.delivered("d2", seq)
+    assert not ledger.all_acked()
+    ledger.withdraw("d1")
+    assert ledger.all_acked() and ledger.complete()
+    v = ledger.verdict()
+    assert (v.sent, v.acked, v.delivered, v.lost, v.excused) == (13, 12, 13, 0, 3)
+    ledger.sent("d1", 9)  # it goes on producing readings: excused too
+    assert ledger.verdict().excused == 4 and ledger.complete()
+
+
+def test_a_withdrawn_device_still_owes_what_the_gateway_acknowledged() -> None:
+    ledger = DeliveryLedger(["d1"])
+    for seq in range(1, 4):
+        ledger.sent("d1", seq)
+        ledger.acked("d1", seq)
+    ledger.delivered("d1", 1)
+    ledger.withdraw("d1")
+    assert not ledger.complete()
+    v = ledger.verdict()
+    assert (v.sent, v.lost, v.lost_after_ack, v.excused) == (3, 2, 2, 0)
 
 
 def test_rotation_disconnects_nobody_and_new_tokens_carry_the_new_kid(tmp_path: Path) -> None:
