@@ -150,6 +150,19 @@ class Outbox:
             conn.close()
             raise OutboxError(f"outbox {file} is unusable: {exc}") from exc
 
+    @classmethod
+    def in_memory(
+        cls, max_messages: int = DEFAULT_MAX_MESSAGES, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> Self:
+        """An outbox that does not survive the process: for virtual devices only.
+
+        Same rules as on disk, but no file descriptors and no fsync, so that one
+        simulator process can hold thousands of devices.
+        """
+        conn = connect(":memory:")
+        conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+        return cls(conn, max_messages=max_messages, max_bytes=max_bytes)
+
     @staticmethod
     def _prepare(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
         configure(conn, busy_timeout_ms=_BUSY_TIMEOUT_MS, synchronous=synchronous)

@@ -28,7 +28,7 @@ from agent.device import Device, DeviceOptions
 from agent.enrollment import enroll
 from agent.errors import AgentError
 from agent.identity import DeviceIdentity
-from agent.outbox import OutboxMessage
+from agent.outbox import Outbox, OutboxMessage
 from shared.acl import AclRule, default_rules
 from simulator.console import PhaseHandle, PhaseProgress
 from simulator.gateway_process import Gateway
@@ -159,6 +159,9 @@ class Fleet:
             options,
             on_ack=lambda msg, seconds: self._acked(vd, msg, seconds),
             on_connected=lambda seconds: self._connected(vd, seconds),
+            # Virtual devices need no durability across processes, and an on-disk outbox
+            # would cost three file descriptors per device.
+            outbox=Outbox.in_memory(),
             rng=random.Random(self.rng.random()),
         )
 

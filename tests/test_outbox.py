@@ -260,3 +260,16 @@ def test_behaves_like_a_bounded_fifo(
             assert box.dropped == dropped
     finally:
         box.close()
+
+
+def test_in_memory_outbox_keeps_the_same_rules() -> None:
+    outbox = Outbox.in_memory(max_messages=2)
+    try:
+        for n in range(3):
+            outbox.put("t", f"m{n}".encode())
+        assert [m.payload for m in outbox.pending(10)] == [b"m1", b"m2"]
+        assert outbox.dropped == 1
+        seq, _ = outbox.put_telemetry("t", lambda s: str(s).encode())
+        assert seq == 1
+    finally:
+        outbox.close()
