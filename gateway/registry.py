@@ -44,7 +44,7 @@ from gateway.errors import RegistryError, Unauthorized
 from gateway.signing_keys import KeyRecord
 from shared.acl import AclRule, rules_from_claim, rules_to_claim
 from shared.pki import cert_fingerprint
-from shared.sqlite import JournalModeRefused, configure, connect
+from shared.sqlite import JournalModeRefused, Synchronous, configure, connect
 
 __all__ = [
     "BUSY_TIMEOUT_SECONDS",
@@ -222,11 +222,14 @@ class Registry:
         self.path = path
 
     @classmethod
-    def open(cls, path: Path) -> Registry:
-        """Open (creating if needed) the registry at `path` and bring its schema up to date."""
+    def open(cls, path: Path, *, synchronous: Synchronous = "FULL") -> Registry:
+        """Open (creating if needed) the registry at `path` and bring its schema up to date.
+
+        `synchronous` is per connection; FULL makes every commit survive a power cut.
+        """
         conn = connect(path, timeout=BUSY_TIMEOUT_SECONDS)
         try:
-            _configure(conn)
+            _configure(conn, synchronous)
             _migrate(conn)
         except BaseException:
             conn.close()
@@ -504,12 +507,12 @@ _AUDIT_SELECT: Final = "SELECT id, at, event, outcome, device_id, source, detail
 _STATUSES: Final = frozenset(get_args(DeviceStatus))
 
 
-def _configure(conn: sqlite3.Connection) -> None:
+def _configure(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
     try:
         configure(
             conn,
             busy_timeout_ms=int(BUSY_TIMEOUT_SECONDS * 1000),
-            synchronous="FULL",
+            synchronous=synchronous,
             foreign_keys=True,
         )
     except JournalModeRefused as exc:

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:
         console.width = max(console.width, 120)
+    # SIGTERM unwinds like Ctrl-C, so the embedded gateway is stopped, never orphaned.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         result = asyncio.run(run_simulation(options, PhaseProgress(console)))
     except (GatewayError, GatepassError) as exc:
