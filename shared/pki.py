@@ -21,7 +21,6 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
 from shared.errors import PkiError
@@ -127,6 +126,8 @@ def x5t_s256(cert_der_or_cert: bytes | x509.Certificate) -> str:
 
 def certs_to_pkcs7(certs: Sequence[x509.Certificate]) -> bytes:
     """RFC 7030 certs-only body: base64 of a degenerate PKCS#7 SignedData (DER)."""
+    from cryptography.hazmat.primitives.serialization import pkcs7  # see certs_from_pkcs7
+
     der = pkcs7.serialize_certificates(list(certs), serialization.Encoding.DER)
     return base64.encodebytes(der)
 
@@ -135,6 +136,10 @@ def certs_from_pkcs7(body: bytes) -> list[x509.Certificate]:
     """Decode an RFC 7030 certs-only body (base64 DER, whitespace allowed)."""
     try:
         der = base64.b64decode(b"".join(body.split()), validate=True)
+        # Imported here: the PKCS#7 module pulls in every cipher (about 2.7 MB of RSS),
+        # and a device needs it only when it enrolls or renews, not while it publishes.
+        from cryptography.hazmat.primitives.serialization import pkcs7
+
         certs = pkcs7.load_der_pkcs7_certificates(der)
     except (binascii.Error, ValueError) as exc:
         raise PkiError("not a base64 PKCS#7 certs-only structure") from exc
