@@ -46,6 +46,7 @@ class GatewaySettings(BaseSettings):
     max_packet_size: int = Field(default=262144, ge=1024, le=268435455)
     max_connections: int = Field(default=20000, ge=1)
     max_request_body: int = Field(default=16384, ge=1024)
+    http_idle_timeout: float = Field(default=30.0, ge=1.0, le=600.0)
     registry_poll_ms: int = Field(default=200, ge=20, le=5000)
 
     @field_validator("issuer")
@@ -147,6 +148,9 @@ max_connections = 20000
 
 # HTTPS: largest request body accepted, in bytes (CSRs, token requests).
 max_request_body = 16384
+# HTTPS: a connection that sends no complete request for this many seconds is closed
+# (idle keep-alive, slow or unfinished headers).
+http_idle_timeout = 30.0
 # How often (milliseconds) the running gateway looks for registry changes made by the CLI.
 registry_poll_ms = 200
 

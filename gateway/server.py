@@ -29,9 +29,6 @@ log = logging.getLogger("gatepass.server")
 
 SHUTDOWN_TIMEOUT = 5.0
 LISTEN_BACKLOG = 4096
-# Idle kept-alive HTTPS connections are closed after this many seconds (agents reuse one
-# connection for token refreshes; an idle one costs a file descriptor and memory).
-KEEPALIVE_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +57,8 @@ async def run_gateway(
         build_app(gateway),
         access_log=None,
         shutdown_timeout=SHUTDOWN_TIMEOUT,
-        keepalive_timeout=KEEPALIVE_TIMEOUT,
+        # Also bounds a client that never finishes its headers (slowloris).
+        keepalive_timeout=settings.http_idle_timeout,
     )
     await runner.setup()
     watcher: asyncio.Task[None] | None = None

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import socket
 import sqlite3
+import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -368,3 +371,17 @@ def test_failed_secrets_are_rate_limited_and_counted(tmp_path: Path) -> None:
         text = metrics.decode()
         assert 'gatepass_enrollments_total{kind="enroll",outcome="refused_401"} 3.0' in text
         assert "gatepass_http_request_seconds_bucket" in text
+
+
+def test_unfinished_requests_are_closed(tmp_path: Path) -> None:
+    root = init_gateway(tmp_path / "gw", "http_idle_timeout = 2.0")
+    with running_gateway(root) as gw:
+        ctx = ssl.create_default_context(cafile=str(gw.ca))
+        for payload in (b"", b"POST /oauth2/token HTTP/1.1\r\nHost: x\r\n"):  # no blank line
+            raw = socket.create_connection(("127.0.0.1", gw.https_port), timeout=30)
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(payload)
+                started = time.monotonic()
+                assert tls.recv(100) == b""  # the gateway closes the connection
+                assert 1.5 <= time.monotonic() - started <= 10
+        assert curl(gw, "/healthz")[0] == 200  # and keeps serving
