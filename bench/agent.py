@@ -49,6 +49,7 @@ from pathlib import Path  # noqa: E402
 
 from tests.gatewayproc import (  # noqa: E402
     GatewayProcess,
+    agent_enroll,
     cli,
     init_gateway,
     run_cli,
@@ -112,22 +113,8 @@ class Run:
 
 def enroll(gw: GatewayProcess, state: Path) -> None:
     secret = gw.add_device(DEVICE_ID)
-    run_cli(
-        "gatepass-agent",
-        "enroll",
-        "--gateway",
-        gw.https_url,
-        "--ca",
-        str(gw.ca),
-        "--device-id",
-        DEVICE_ID,
-        "--secret",
-        secret,
-        "--state",
-        str(state),
-        "--mqtt",
-        f"mqtts://127.0.0.1:{gw.mqtt_port}",
-    )
+    mqtt = f"mqtts://127.0.0.1:{gw.mqtt_port}"
+    agent_enroll(gw.https_url, gw.ca, DEVICE_ID, secret, state, "--mqtt", mqtt)
 
 
 def measure(state: Path, seconds: float, interval: float, every: float) -> Run:

@@ -19,7 +19,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.gatewayproc import GatewayProcess, wait_for
-from tests.test_est_http import enroll, first_cert, make_csr, pkcs7_to_pem
+from tests.test_est_http import register_and_enroll
 from tests.test_token_http import get_token
 
 
@@ -57,15 +57,7 @@ class Collector:
         self.gw = gw
         self.name = name
         self.topic = topic
-        folder = tmp / name
-        folder.mkdir(exist_ok=True)
-        secret = json.loads(gw.admin("device", "add", name, "--sub", topic, "--json").stdout)[
-            "secret"
-        ]
-        self.key, csr = make_csr(folder, name)
-        status, body, _ = enroll(gw, name, secret, csr)
-        assert status == 200
-        self.cert = first_cert(folder, pkcs7_to_pem(folder, body, name), name)
+        self.key, self.cert, _ = register_and_enroll(gw, tmp / name, name, "--sub", topic)
         self.readings = SeqRecorder()
         self.subscribed = threading.Event()
         self.client = self._client()

@@ -42,6 +42,34 @@ def run_cli(
     return proc
 
 
+def agent_enroll(
+    gateway_url: str,
+    ca: Path,
+    device_id: str,
+    secret: str,
+    state: Path,
+    *extra: str,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """`gatepass-agent enroll` exactly as the SPEC spells it, plus `extra` flags."""
+    return run_cli(
+        "gatepass-agent",
+        "enroll",
+        "--gateway",
+        gateway_url,
+        "--ca",
+        str(ca),
+        "--device-id",
+        device_id,
+        "--secret",
+        secret,
+        "--state",
+        str(state),
+        *extra,
+        check=check,
+    )
+
+
 def wait_for(condition: Callable[[], T | None], timeout: float = 15.0, interval: float = 0.02) -> T:
     """Poll `condition` until it returns something truthy, or fail at the deadline."""
     deadline = time.monotonic() + timeout

@@ -15,6 +15,7 @@ import pytest
 from tests.collector import Collector
 from tests.gatewayproc import (
     GatewayProcess,
+    agent_enroll,
     cli,
     init_gateway,
     run_cli,
@@ -22,7 +23,7 @@ from tests.gatewayproc import (
     start_gateway,
     wait_for,
 )
-from tests.test_est_http import enroll, first_cert, make_csr, pkcs7_to_pem
+from tests.test_est_http import register_and_enroll
 from tests.test_gateway_mqtt import Device, pub
 
 pytestmark = pytest.mark.timeout(240)
@@ -32,21 +33,7 @@ def enroll_agent(gw: GatewayProcess, state: Path, device_id: str, *, mqtt: bool 
     """`gatepass-agent enroll`; without `mqtt` the agent learns the MQTT URL itself."""
     secret = gw.add_device(device_id)
     extra = ["--mqtt", f"mqtts://127.0.0.1:{gw.mqtt_port}"] if mqtt else []
-    result = run_cli(
-        "gatepass-agent",
-        "enroll",
-        "--gateway",
-        gw.https_url,
-        "--ca",
-        str(gw.ca),
-        "--device-id",
-        device_id,
-        "--secret",
-        secret,
-        "--state",
-        str(state),
-        *extra,
-    )
+    result = agent_enroll(gw.https_url, gw.ca, device_id, secret, state, *extra)
     assert "enrolled" in result.stdout
 
 
@@ -82,20 +69,7 @@ def test_enroll_then_run_count_200(gw: GatewayProcess, tmp_path: Path) -> None:
         assert max(seqs) == 200
         print(f"received {len(seqs)} messages, {len(seqs) - len(set(seqs))} QoS 1 duplicates")
     # Enrolling again is a no-op; status shows an empty outbox.
-    again = run_cli(
-        "gatepass-agent",
-        "enroll",
-        "--gateway",
-        gw.https_url,
-        "--ca",
-        str(gw.ca),
-        "--device-id",
-        "ag-1",
-        "--secret",
-        "spent",
-        "--state",
-        str(state),
-    )
+    again = agent_enroll(gw.https_url, gw.ca, "ag-1", "spent", state)
     assert "already enrolled" in again.stdout
     status = json.loads(run_cli("gatepass-agent", "status", "--state", str(state), "--json").stdout)
     assert status["outbox_depth"] == 0 and status["last_seq"] == 200
@@ -121,21 +95,7 @@ def test_token_counts_and_failures_are_one_line(gw: GatewayProcess, tmp_path: Pa
     assert token.count(".") == 2
     # Wrong secret.
     gw.add_device("ag-wrong")
-    bad = run_cli(
-        "gatepass-agent",
-        "enroll",
-        "--gateway",
-        gw.https_url,
-        "--ca",
-        str(gw.ca),
-        "--device-id",
-        "ag-wrong",
-        "--secret",
-        "nope",
-        "--state",
-        str(tmp_path / "wrong"),
-        check=False,
-    )
+    bad = agent_enroll(gw.https_url, gw.ca, "ag-wrong", "nope", tmp_path / "wrong", check=False)
     _one_line_failure(bad, "secret")
     assert not (tmp_path / "wrong" / "agent.json").exists()
     # Wrong CA (the gateway's server certificate does not chain to it).
@@ -163,38 +123,11 @@ def test_token_counts_and_failures_are_one_line(gw: GatewayProcess, tmp_path: Pa
         capture_output=True,
     )
     secret = gw.add_device("ag-ca")
-    bad = run_cli(
-        "gatepass-agent",
-        "enroll",
-        "--gateway",
-        gw.https_url,
-        "--ca",
-        str(other),
-        "--device-id",
-        "ag-ca",
-        "--secret",
-        secret,
-        "--state",
-        str(tmp_path / "ca"),
-        check=False,
-    )
+    bad = agent_enroll(gw.https_url, other, "ag-ca", secret, tmp_path / "ca", check=False)
     _one_line_failure(bad, "not trusted")
     # Unreachable gateway.
-    bad = run_cli(
-        "gatepass-agent",
-        "enroll",
-        "--gateway",
-        "https://127.0.0.1:1",
-        "--ca",
-        str(gw.ca),
-        "--device-id",
-        "ag-ca",
-        "--secret",
-        secret,
-        "--state",
-        str(tmp_path / "unreach"),
-        check=False,
-    )
+    unreachable = "https://127.0.0.1:1"
+    bad = agent_enroll(unreachable, gw.ca, "ag-ca", secret, tmp_path / "unreach", check=False)
     _one_line_failure(bad, "connection refused")
     # Corrupt state directory.
     (state / "agent.json").write_text("{not json")
@@ -280,13 +213,8 @@ def test_commands_reach_the_configured_program(gw: GatewayProcess, tmp_path: Pat
 
 
 def _device_with_acl(gw: GatewayProcess, tmp: Path, name: str, *acl: str) -> Device:
-    folder = tmp / name
-    folder.mkdir()
-    secret = json.loads(gw.admin("device", "add", name, *acl, "--json").stdout)["secret"]
-    key, csr = make_csr(folder, name)
-    status, body, _ = enroll(gw, name, secret, csr)
-    assert status == 200, body
-    return Device(name, key, first_cert(folder, pkcs7_to_pem(folder, body, name), name))
+    key, cert, _ = register_and_enroll(gw, tmp / name, name, *acl)
+    return Device(name, key, cert)
 
 
 def _status(state: Path) -> dict[str, int]:

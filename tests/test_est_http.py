@@ -137,13 +137,25 @@ def first_cert(work: Path, bundle: Path, name: str) -> Path:
     raise AssertionError(f"no certificate for {name} in {text}")
 
 
-def enroll_ok(gw: GatewayProcess, work: Path, device: str) -> tuple[Path, Path]:
-    secret = gw.add_device(device)
+def register_and_enroll(
+    gw: GatewayProcess, work: Path, device: str, *acl: str
+) -> tuple[Path, Path, str]:
+    """`device add` (with `acl` flags), then enroll with openssl and curl in `work`.
+
+    Returns the key file, the device's certificate file and the response headers.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    secret = gw.add_device(device, *acl)
     key, csr = make_csr(work, device)
     status, body, head = enroll(gw, device, secret, csr)
     assert status == 200, body
+    return key, first_cert(work, pkcs7_to_pem(work, body, device), device), head
+
+
+def enroll_ok(gw: GatewayProcess, work: Path, device: str) -> tuple[Path, Path]:
+    key, cert, head = register_and_enroll(gw, work, device)
     assert "application/pkcs7-mime" in head and "smime-type=certs-only" in head
-    return key, first_cert(work, pkcs7_to_pem(work, body, device), device)
+    return key, cert
 
 
 def test_cacerts_is_pkcs7_with_the_ca(gw: GatewayProcess, tmp_path: Path) -> None:

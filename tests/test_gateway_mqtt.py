@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.gatewayproc import GatewayProcess, init_gateway, running_gateway, wait_for
-from tests.test_est_http import enroll, enroll_ok, first_cert, make_csr, pkcs7_to_pem
+from tests.test_est_http import enroll_ok, register_and_enroll
 from tests.test_token_http import get_token
 
 pytestmark = pytest.mark.timeout(180)
@@ -138,26 +138,16 @@ def fleet(gw: GatewayProcess, tmp_path_factory: pytest.TempPathFactory) -> dict[
     tmp = tmp_path_factory.mktemp("fleet")
     devices = {name: device(gw, tmp, name) for name in ("mq-a", "mq-b", "mq-c", "mq-d")}
     # A backend: a device with wider filters.
-    folder = tmp / "backend"
-    folder.mkdir()
-    secret = json.loads(
-        gw.admin(
-            "device",
-            "add",
-            "backend",
-            "--sub",
-            "devices/+/telemetry",
-            "--pub",
-            "devices/+/commands/#",
-            "--json",
-        ).stdout
-    )["secret"]
-    key, csr = make_csr(folder, "backend")
-    status, body, _ = enroll(gw, "backend", secret, csr)
-    assert status == 200
-    devices["backend"] = Device(
-        "backend", key, first_cert(folder, pkcs7_to_pem(folder, body, "b"), "backend")
+    key, cert, _ = register_and_enroll(
+        gw,
+        tmp / "backend",
+        "backend",
+        "--sub",
+        "devices/+/telemetry",
+        "--pub",
+        "devices/+/commands/#",
     )
+    devices["backend"] = Device("backend", key, cert)
     return devices
 
 

@@ -33,7 +33,7 @@ from tests.rabbitmqproc import (
     gateway_cluster,
     rabbitmq_gateway,
 )
-from tests.test_est_http import enroll, first_cert, make_csr, pkcs7_to_pem
+from tests.test_est_http import register_and_enroll
 from tests.test_token_http import get_token
 
 pytestmark = pytest.mark.timeout(240)
@@ -83,11 +83,7 @@ class Device:
 
 
 def enroll_device(gw: GatewayProcess, work: Path, device_id: str, *acl: str) -> Device:
-    secret = gw.add_device(device_id, *acl)
-    key, csr = make_csr(work, device_id)
-    status, body, _ = enroll(gw, device_id, secret, csr)
-    assert status == 200, body
-    cert = first_cert(work, pkcs7_to_pem(work, body, device_id), device_id)
+    key, cert, _ = register_and_enroll(gw, work, device_id, *acl)
     return Device(gw, device_id, key, cert)
 
 
