@@ -14,6 +14,7 @@
         |   +-- TooManyRequests      429 (has `retry_after` seconds)
         |   +-- OAuthError           RFC 6749 section 5.2 error (has `error` code)
         +-- RegistryError            the registry refused a change (unknown device, duplicate, ...)
+        +-- SessionStoreError        the MQTT session store cannot be used (`gateway.mqtt_sessions`)
         +-- ConfigError              the state directory or configuration is unusable
 
 Must not: render HTTP or MQTT responses (the adapters do that).

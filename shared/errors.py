@@ -3,7 +3,8 @@
     GatepassError                 base of every error Gatepass raises on purpose
     +-- InvalidTopic              a topic name or filter breaks MQTT 3.1.1 section 4.7
     +-- AccessDenied              an ACL refuses an action on a topic
-    +-- TokenRejected             an access token failed verification (has a `reason`)
+    +-- TokenRejected             an access token failed verification (has a `reason`;
+    |                             defined in `shared.tokens`, beside the verifier)
     +-- PkiError                  a key, certificate, CSR or PKCS#7 blob cannot be used
 
 Local mistakes (bad configuration, programming errors) are not part of this tree.
