@@ -318,7 +318,9 @@ def cmd_rabbitmq_config(args: argparse.Namespace) -> int:
     print("## After 'keys rotate', re-run this command, copy the key files and add the new")
     print("## key to every running node (no restart needed):")
     for kid, path in paths.items():
-        print(f"##   rabbitmqctl -n NODE add_uaa_key {kid} --pem-file={path}")
+        # '--' first: a kid (a base64url thumbprint) may start with '-', and rabbitmqctl
+        # would read it as an option.
+        print(f"##   rabbitmqctl -n NODE add_uaa_key --pem-file={path} -- {kid}")
     print("## After 'keys retire KID --now', remove the key from every running node:")
     print("##   rabbitmqctl -n NODE eval 'uaa_jwt:remove_signing_key(<<\"KID\">>).'")
     if not settings.rabbitmq:

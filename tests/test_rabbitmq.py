@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.rabbitmq import wildcard_match
-from tests.gatewayproc import GatewayProcess, cli, run_cli, wait_for
+from tests.gatewayproc import GatewayProcess, cli, init_gateway, run_cli, wait_for
 from tests.rabbitmqproc import (
     MANAGEMENT_PASSWORD,
     MANAGEMENT_USER,
@@ -408,3 +408,14 @@ def _signed_by_new_key(gw: GatewayProcess, dev: Device) -> str | None:
     token = dev.token()
     header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
     return token if header["kid"] == kid else None
+
+
+def test_printed_key_commands_survive_a_kid_starting_with_a_dash(tmp_path: Path) -> None:
+    # Found when a rotation drew a kid like "-o1Ext...": rabbitmqctl read it as an option.
+    root = init_gateway(tmp_path / "gw")
+    out = run_cli("gatepass-gateway", "rabbitmq", "config", "--dir", str(root)).stdout
+    commands = [line for line in out.splitlines() if "add_uaa_key" in line]
+    assert commands
+    for command in commands:
+        kid = command.rsplit(" ", 1)[1]
+        assert command.endswith(f" -- {kid}")
