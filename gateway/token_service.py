@@ -8,8 +8,11 @@ keys beyond the snapshot it is handed (`KeyRing`).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -25,13 +28,45 @@ from gateway.registry import DeviceRecord, Registry
 from shared.acl import expand_placeholders
 from shared.claims import AclEntry
 from shared.errors import PkiError
-from shared.pki import cert_fingerprint, load_certificate, x5t_s256
+from shared.pki import b64url, load_certificate
 from shared.tokens import mint_access_token, new_access_token_claims
 
-__all__ = ["TokenService"]
+__all__ = ["ClientCertificate", "Grant", "TokenService", "inspect_client_certificate"]
+
+
+# Bounds on the caches below: a fleet's worth of certificates and grants, never more.
+CERT_CACHE_SIZE = 16384
+GRANT_CACHE_SIZE = 16384
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCertificate:
+    """What the token service needs of a client certificate, derived once per DER."""
+
+    fingerprint_hex: str
+    x5t_s256: str
+    not_before: float
+    not_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """An active device's token contents, as the registry stood at `generation`."""
+
+    device_id: str
+    acl: tuple[AclEntry, ...]
+    audience: str | tuple[str, ...]
+    scope: str | None
 
 
 class TokenService:
+    """Issues tokens; caches what it read from the registry until the registry changes.
+
+    Every request still checks the registry's `generation()` (one PRAGMA), so a
+    revocation by the admin CLI or a re-enrollment is effective on the very next
+    request, without the three queries and the certificate parsing per token.
+    """
+
     def __init__(
         self,
         settings: GatewaySettings,
@@ -48,6 +83,8 @@ class TokenService:
         self._per_device = RateLimiter(settings.token_rate_per_minute / 60.0, settings.token_burst)
         rate = settings.failure_rate_per_minute / 60.0
         self._failures_by_source = RateLimiter(rate, settings.failure_burst)
+        self._grants: dict[str, Grant] = {}
+        self._grants_generation: tuple[int, int] | None = None
 
     def issue(self, peer_der: bytes | None, form: Mapping[str, str], source: str) -> dict[str, Any]:
         """Authenticate, check, rate-limit and mint; refusals raise `ClientError`."""
@@ -55,10 +92,11 @@ class TokenService:
         now = self._clock()
         try:
             self._failures_by_source.ensure_available(source, now)
-            device, cert = self._authenticate(peer_der, now)
-            _check_request(form, device.id)
-            self._per_device.check(device.id, now)
-            response = self._mint(device, cert, peer_der or b"", now)
+            cert = _client_certificate(peer_der, now)
+            grant = self._grant(cert)
+            _check_request(form, grant.device_id)
+            self._per_device.check(grant.device_id, now)
+            response = self._mint(grant, cert, now)
         except ClientError as exc:
             self._refused(exc, source, now)
             raise
@@ -66,17 +104,20 @@ class TokenService:
         self._metrics.token_latency.observe(time.perf_counter() - started)
         return response
 
-    def _authenticate(
-        self, peer_der: bytes | None, now: float
-    ) -> tuple[DeviceRecord, x509.Certificate]:
-        if not peer_der:
-            raise OAuthError("invalid_client", "client certificate required", "no certificate")
-        try:
-            cert = load_certificate(peer_der)
-        except PkiError as exc:
-            raise OAuthError("invalid_client", "unusable client certificate", str(exc)) from exc
-        _check_client_certificate(cert, now)
-        record = self._registry.certificate_by_fingerprint(cert_fingerprint(cert).hex())
+    def _grant(self, cert: ClientCertificate) -> Grant:
+        generation = self._registry.generation()
+        if generation != self._grants_generation or len(self._grants) >= GRANT_CACHE_SIZE:
+            self._grants = {}
+            self._grants_generation = generation
+        grant = self._grants.get(cert.fingerprint_hex)
+        if grant is None:
+            grant = self._load_grant(cert.fingerprint_hex)
+            self._grants[cert.fingerprint_hex] = grant
+        return grant
+
+    def _load_grant(self, fingerprint_hex: str) -> Grant:
+        """The registry's word on a certificate: known, not revoked, current, device active."""
+        record = self._registry.certificate_by_fingerprint(fingerprint_hex)
         if record is None:
             raise OAuthError("invalid_client", "unknown client certificate", "unknown cert")
         if record.revoked_at is not None:
@@ -87,28 +128,27 @@ class TokenService:
         current = self._registry.current_certificate(record.device_id)
         if current is None or current.fingerprint_sha256 != record.fingerprint_sha256:
             raise OAuthError("invalid_client", "certificate superseded", "superseded cert")
-        return device, cert
+        return self._grant_for(device)
 
-    def _mint(
-        self, device: DeviceRecord, cert: x509.Certificate, der: bytes, now: float
-    ) -> dict[str, Any]:
-        device_id = device.id
-        ring = self._keyring()
-        not_after = cert.not_valid_after_utc.timestamp()
-        acl = expand_placeholders(device.acl, device_id)
-        audience, scope = rabbitmq_token_claims(self._settings, device_id, acl)
+    def _grant_for(self, device: DeviceRecord) -> Grant:
+        acl = expand_placeholders(device.acl, device.id)
+        audience, scope = rabbitmq_token_claims(self._settings, device.id, acl)
+        entries = tuple(AclEntry.model_validate(r.model_dump()) for r in acl)
+        return Grant(device.id, entries, audience, scope)
+
+    def _mint(self, grant: Grant, cert: ClientCertificate, now: float) -> dict[str, Any]:
         claims = new_access_token_claims(
-            device_id=device_id,
-            acl=[AclEntry.model_validate(r.model_dump()) for r in acl],
-            scope=scope,
-            cert_thumbprint=x5t_s256(der),
+            device_id=grant.device_id,
+            acl=grant.acl,
+            scope=grant.scope,
+            cert_thumbprint=cert.x5t_s256,
             issuer=self._settings.issuer,
-            audience=audience,
+            audience=grant.audience,
             lifetime=self._settings.token_lifetime,
             now=now,
-            not_after=not_after,
+            not_after=cert.not_after,
         )
-        token = mint_access_token(claims, ring.signing)
+        token = mint_access_token(claims, self._keyring().signing)
         return {
             "access_token": token,
             "token_type": "Bearer",
@@ -122,10 +162,26 @@ class TokenService:
         self._metrics.tokens_refused.labels(reason=reason).inc()
 
 
-def _check_client_certificate(cert: x509.Certificate, now: float) -> None:
-    """The TLS layer verified the chain; also insist on a current client-auth leaf."""
-    if not cert.not_valid_before_utc.timestamp() <= now < cert.not_valid_after_utc.timestamp():
+def _client_certificate(peer_der: bytes | None, now: float) -> ClientCertificate:
+    if not peer_der:
+        raise OAuthError("invalid_client", "client certificate required", "no certificate")
+    cert = inspect_client_certificate(peer_der)
+    if not cert.not_before <= now < cert.not_after:
         raise OAuthError("invalid_client", "client certificate not valid now", "cert validity")
+    return cert
+
+
+@functools.lru_cache(maxsize=CERT_CACHE_SIZE)
+def inspect_client_certificate(der: bytes) -> ClientCertificate:
+    """Parse a client certificate and insist on a client-auth leaf (refusals raise).
+
+    The TLS layer verified the chain. Pure function of the DER bytes, hence cached:
+    a device presents the same certificate for every token until it renews.
+    """
+    try:
+        cert = load_certificate(der)
+    except PkiError as exc:
+        raise OAuthError("invalid_client", "unusable client certificate", str(exc)) from exc
     try:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -133,6 +189,13 @@ def _check_client_certificate(cert: x509.Certificate, now: float) -> None:
         raise OAuthError("invalid_client", "not a device certificate", str(exc)) from exc
     if ExtendedKeyUsageOID.CLIENT_AUTH not in eku or basic.ca:
         raise OAuthError("invalid_client", "not a device certificate", "EKU or CA flag")
+    digest = hashlib.sha256(der).digest()
+    return ClientCertificate(
+        fingerprint_hex=digest.hex(),
+        x5t_s256=b64url(digest),
+        not_before=cert.not_valid_before_utc.timestamp(),
+        not_after=cert.not_valid_after_utc.timestamp(),
+    )
 
 
 def _check_request(form: Mapping[str, str], device_id: str) -> None:
