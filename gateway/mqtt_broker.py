@@ -23,6 +23,13 @@ override names the hole it closes and has a regression test in
                                    messages that grant allows; clean_session=1, or a
                                    clean session left over, starts from nothing
       _authenticate                true only for a connection admitted by mqtt_policy
+      _handle_client_session       scale: amqtt's own, but on CONNECT retained messages
+                                   are looked up for the session's own filters, not
+                                   every filter in the broker
+      _del_all_subscriptions       scale: only the session's own filters are visited
+      _subscriptions               a `gateway.mqtt_subscriptions.SubscriptionTable`:
+                                   indexed by topic (`hand_off` no longer tests every
+                                   filter per PUBLISH) and by client
       _topic_filtering             SUBSCRIBE and delivery checked against the grant
       _publish_retained_messages_for_subscription
                                    retained messages only for the session's own
@@ -97,7 +104,8 @@ from typing import Any, Final
 from amqtt.adapters import BufferReader, ReaderAdapter, WriterAdapter
 from amqtt.broker import AMQTT_MAGIC_VALUE_RET_SUBSCRIBED, Broker
 from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
-from amqtt.errors import AMQTTError
+from amqtt.errors import AMQTTError, BrokerError
+from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import UNACCEPTABLE_PROTOCOL_VERSION, ConnackPacket
 from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
@@ -107,6 +115,7 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.plugins.manager import PluginManager
 from amqtt.session import OUTGOING, OutgoingApplicationMessage, Session
 from prometheus_client import CollectorRegistry
+from transitions import MachineError
 
 from gateway.mqtt_metrics import MqttMetrics
 from gateway.mqtt_policy import (
@@ -137,6 +146,7 @@ from gateway.mqtt_sessions import (
     regrant,
     restored_state,
 )
+from gateway.mqtt_subscriptions import SubscriptionTable
 from shared.errors import AccessDenied
 from shared.pki import x5t_s256
 from shared.tokens import TokenVerifier
@@ -501,6 +511,7 @@ class _GatepassAmqtt(Broker):  # type: ignore[misc]
         )
         super().__init__(config)
         self._owner = owner
+        self._subscriptions: SubscriptionTable = SubscriptionTable()
 
     async def _initialize_client_session(
         self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
@@ -536,12 +547,7 @@ class _GatepassAmqtt(Broker):  # type: ignore[misc]
         grant no longer covers are dropped (and forgotten), as are messages in flight
         on topics it may no longer receive."""
         client_id = state.client_id
-        filters = [
-            topic_filter
-            for topic_filter, subscribers in self._subscriptions.items()
-            if any(s.client_id == client_id for s, _ in subscribers)
-        ]
-        _, dropped = regrant(filters, state.acl)
+        _, dropped = regrant(sorted(self._subscriptions.filters_of(client_id)), state.acl)
         if dropped:
             self._owner.forget_subscriptions(client_id, dropped)
             for topic_filter in dropped:
@@ -601,6 +607,60 @@ class _GatepassAmqtt(Broker):  # type: ignore[misc]
             self._owner.forget_subscriptions(client_session.client_id, waiter.result().topics)
         await super()._handle_unsubscription(client_session, handler, waiter)
 
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        """Scale: amqtt tested every filter in the broker; only the session's own now."""
+        for topic_filter in self._subscriptions.filters_of(session.client_id):
+            self._del_subscription(topic_filter, session)
+            if not self._subscriptions.get(topic_filter, True):
+                del self._subscriptions[topic_filter]
+
+    async def _handle_client_session(
+        self,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        server: Any,
+        listener_name: str,
+    ) -> None:
+        """Scale: amqtt 0.12.1's own, except that on CONNECT it offered retained messages
+        for every filter in the broker (one await per filter, per connection); now for
+        the session's own filters only."""
+        authenticated = await self._authenticate(
+            client_session, self.listeners_config[listener_name]
+        )
+        if client_session.client_id is None:
+            raise BrokerError("Client ID was not correctly created/set.")
+        while True:
+            try:
+                client_session.transitions.connect()
+                break
+            except (MachineError, ValueError):
+                if client_session.transitions.is_connected():
+                    old_session = self._sessions[client_session.client_id]
+                    await old_session[1].handle_connection_closed()
+                    await old_session[1].stop()
+                    break
+                await asyncio.sleep(1)
+        handler.attach(client_session, reader, writer)
+        self._sessions[client_session.client_id] = (client_session, handler)
+        await handler.mqtt_connack_authorize(authenticated)
+        if not authenticated:
+            await writer.close()
+            return
+        await self.plugins_manager.fire_event(
+            BrokerEvents.CLIENT_CONNECTED,
+            client_id=client_session.client_id,
+            client_session=client_session,
+        )
+        await handler.start()
+        await self._publish_session_retained_messages(client_session)
+        for topic_filter in sorted(self._subscriptions.filters_of(client_session.client_id)):
+            await self._publish_retained_messages_for_subscription(
+                (topic_filter, QOS_0), client_session
+            )
+        await self._client_message_loop(client_session, handler)
+
     async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
         """Hole: failed logins stayed in `sessions`; now only admitted sessions arrive."""
         return _state_of(session) is not None
@@ -632,8 +692,7 @@ class _GatepassAmqtt(Broker):  # type: ignore[misc]
         """Hole: on CONNECT amqtt sent retained messages for every client's filters."""
         topic_filter, qos = subscription
         state = _state_of(session)
-        subscribers = self._subscriptions.get(topic_filter, [])
-        if state is None or all(s.client_id != session.client_id for s, _ in subscribers):
+        if state is None or not self._subscriptions.subscribed(session.client_id, topic_filter):
             return
         handler = self._get_handler(session)
         if handler is None:
@@ -726,10 +785,8 @@ class _GatepassAmqtt(Broker):  # type: ignore[misc]
     def _targets(self, topic: str, qos: int) -> list[tuple[Session, int]]:
         """(session, delivery QoS) for every subscription matching `topic` that may receive it."""
         targets = []
-        for topic_filter, subscriptions in self._subscriptions.items():
-            if not self._matches(topic, topic_filter):
-                continue
-            for target, sub_qos in subscriptions:
+        for topic_filter in self._subscriptions.matching(topic):
+            for target, sub_qos in self._subscriptions[topic_filter]:
                 state = _state_of(target)
                 if state is None:
                     continue
