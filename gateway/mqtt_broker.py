@@ -1083,8 +1083,9 @@ class SecureBroker:
 
     async def _take_over(self, client_id: str) -> None:
         """Close a live connection of the same client and wait until amqtt let it go."""
-        for connection in list(self._connections.values()):
-            if connection.state.client_id == client_id:
+        for conn_id in self._index.of_client(client_id):
+            connection = self._connections.get(conn_id)
+            if connection is not None:
                 connection.close(CloseReason.takeover)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(connection.done.wait(), TAKEOVER_WAIT_SECONDS)

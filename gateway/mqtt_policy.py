@@ -301,15 +301,16 @@ CLOSE_POLICY: Final[dict[CloseReason, CloseEffect]] = {
 
 
 class SessionIndex:
-    """Live sessions by connection id, with lookups by device, by kid and by expiry.
+    """Live sessions by connection id, with lookups by client id, device, kid and expiry.
 
     Connection ids are chosen by the caller (any int unique among live connections).
     """
 
-    __slots__ = ("_by_conn", "_expiry")
+    __slots__ = ("_by_client", "_by_conn", "_expiry")
 
     def __init__(self) -> None:
         self._by_conn: dict[int, SessionState] = {}
+        self._by_client: dict[str, set[int]] = {}  # every CONNECT asks: no scan per connect
         self._expiry: list[tuple[int, int]] = []  # heap of (exp, conn id)
 
     def __len__(self) -> int:
@@ -319,11 +320,23 @@ class SessionIndex:
         if conn_id in self._by_conn:
             raise ValueError(f"connection {conn_id} is already live")
         self._by_conn[conn_id] = state
+        self._by_client.setdefault(state.client_id, set()).add(conn_id)
         heapq.heappush(self._expiry, (state.exp, conn_id))
 
     def remove(self, conn_id: int) -> None:
         """Forget a connection (its expiry entry is dropped lazily)."""
-        self._by_conn.pop(conn_id, None)
+        state = self._by_conn.pop(conn_id, None)
+        if state is None:
+            return
+        conn_ids = self._by_client.get(state.client_id)
+        if conn_ids is not None:
+            conn_ids.discard(conn_id)
+            if not conn_ids:
+                del self._by_client[state.client_id]
+
+    def of_client(self, client_id: str) -> list[int]:
+        """Live connections with this MQTT client id (a takeover closes them)."""
+        return sorted(self._by_client.get(client_id, ()))
 
     def get(self, conn_id: int) -> SessionState | None:
         return self._by_conn.get(conn_id)

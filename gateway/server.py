@@ -22,6 +22,7 @@ from gateway.mqtt_broker import BrokerLimits, SecureBroker
 from gateway.mqtt_sessions import SessionStore
 from gateway.runtime import Gateway, Snapshot
 from gateway.tls import server_context
+from shared.gc_policy import FullCollectionPolicy, run_collector
 
 __all__ = ["RunningGateway", "run_gateway", "serve"]
 
@@ -62,6 +63,10 @@ async def run_gateway(
     )
     await runner.setup()
     watcher: asyncio.Task[None] | None = None
+    collector: asyncio.Task[None] | None = None
+    if settings.gc_full_interval > 0:
+        policy = FullCollectionPolicy(interval=settings.gc_full_interval)
+        collector = asyncio.create_task(run_collector(policy), name="gc-schedule")
     sessions: SessionStore | None = None
     try:
         sessions = SessionStore.open(state.mqtt_sessions)
@@ -106,6 +111,10 @@ async def run_gateway(
         if sessions is not None:
             sessions.close()
         gateway.close()
+        if collector is not None:
+            collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collector
 
 
 def _push_to_broker(mqtt: SecureBroker, old: Snapshot, new: Snapshot) -> None:

@@ -176,12 +176,15 @@ def test_session_index() -> None:
         index.add(1, a)
     assert index.of_devices(["dev-2", "nope"]) == [2]
     assert index.of_kid("k1") == [1]
+    assert (index.of_client(a.client_id), index.of_client(b.client_id)) == ([1], [2])
+    assert index.of_client("nobody") == []
     assert index.expired(NOW + 50) == []
     assert index.expired(NOW + 100) == [2]
     assert index.expired(NOW + 100) == []  # reported once
     index.remove(1)
+    index.remove(1)  # a second remove is harmless
     assert index.expired(NOW + 1000) == []
-    assert len(index) == 1
+    assert len(index) == 1 and index.of_client(a.client_id) == []
 
 
 def test_rate_limiter() -> None:
