@@ -42,7 +42,6 @@ log = logging.getLogger("gatepass.agent")
 CONNACK_TOKEN_REFUSED = frozenset({4, 5})
 KEEPALIVE = 30
 DRAIN_BEFORE_RECONNECT = 2.0
-HTTPS_IDLE_CLOSE = 25.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -258,10 +257,6 @@ class Device:
 
     async def _refresh_token(self) -> None:
         token = await self.tokens.fetch()
-        if self.tokens.refresh_in() > HTTPS_IDLE_CLOSE:
-            # The gateway drops idle connections after 30 s: reconnecting later costs
-            # the same, and a fleet should not hold a descriptor per device meanwhile.
-            self._client.close()
         self.stats.token_refreshes += 1
         self._write_status(token_expires_at=token.expires_at)
 

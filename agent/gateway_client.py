@@ -5,6 +5,13 @@ Owns: the requests a device makes (`cacerts`, `simpleenroll`, `simplereenroll`,
 pay a new mutual-TLS handshake), turning transport and HTTP failures into the agent's
 error tree, and measuring the gateway's clock from its `Date` header. Blocking: async
 callers run it in a worker thread. Must not: store anything on disk.
+
+Kept-alive connections go stale: the gateway closes one idle for `http_idle_timeout`
+(30 s by default; a proxy may close sooner), and a gateway restart closes them all.
+Reusing one after the server's FIN fails with `SSLEOFError` or a reset, not with a
+clean `RemoteDisconnected`, so a client reuses a connection only while it has been
+idle less than `idle_reuse` seconds, and a failure on a reused connection is retried
+once on a fresh one. A failure on a fresh connection is the gateway's answer.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -32,6 +40,8 @@ __all__ = ["MAX_CLOCK_SKEW", "GatewayClient", "Reply", "TokenGrant"]
 
 MAX_CLOCK_SKEW = 60.0
 MAX_RESPONSE_BYTES = 1 << 20
+IDLE_REUSE_S = 20.0
+"""Idle seconds after which a kept-alive connection is not reused (the gateway: 30 s)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +62,14 @@ class TokenGrant:
 class GatewayClient:
     """Requests to one gateway over one TLS context; thread-safe, one request at a time."""
 
-    def __init__(self, base_url: str, context: ssl.SSLContext, timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        context: ssl.SSLContext,
+        timeout: float = 15.0,
+        idle_reuse: float = IDLE_REUSE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme != "https" or not parts.hostname:
             raise GatewayUnreachable(f"gateway URL must be https://HOST[:PORT], not {base_url!r}")
@@ -60,8 +77,16 @@ class GatewayClient:
         self._port = parts.port or 443
         self._context = context
         self._timeout = timeout
+        self._idle_reuse = idle_reuse
+        self._clock = clock
         self._conn: http.client.HTTPSConnection | None = None
+        self._idle_since = 0.0  # monotonic time the connection's last reply was read
         self._lock = threading.Lock()
+
+    @property
+    def idle_reuse(self) -> float:
+        """Idle seconds after which the kept-alive connection is not reused."""
+        return self._idle_reuse
 
     def close(self) -> None:
         with self._lock:
@@ -140,32 +165,36 @@ class GatewayClient:
     ) -> Reply:
         with self._lock:
             for attempt in (1, 2):
+                reused = self._reusable()
                 conn = self._connection()
                 try:
                     conn.request(method, path, body=body, headers=headers or {})
                     response = conn.getresponse()
                     data = response.read(MAX_RESPONSE_BYTES)
-                    offset = _clock_offset(response.getheader("Date"))
-                    if response.getheader("Connection", "").lower() == "close":
-                        self._drop()
-                    return Reply(response.status, data, offset)
                 except ssl.SSLCertVerificationError as exc:
                     self._drop()
                     raise _verification_error(exc) from exc
-                except (
-                    http.client.RemoteDisconnected,
-                    BrokenPipeError,
-                    ConnectionResetError,
-                ) as exc:
-                    self._drop()  # a kept-alive connection the gateway closed: retry once
-                    if attempt == 2:
-                        raise GatewayUnreachable(f"gateway closed the connection: {exc}") from exc
                 except (OSError, http.client.HTTPException) as exc:
                     self._drop()
+                    if reused and attempt == 1:
+                        continue  # the gateway had closed the kept-alive connection
                     raise GatewayUnreachable(
                         f"cannot reach the gateway at {self._host}:{self._port}: {_reason(exc)}"
                     ) from exc
+                self._idle_since = self._clock()
+                if response.getheader("Connection", "").lower() == "close":
+                    self._drop()
+                return Reply(response.status, data, _clock_offset(response.getheader("Date")))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _reusable(self) -> bool:
+        """Whether there is a kept-alive connection fresh enough to reuse (else drop it)."""
+        if self._conn is None:
+            return False
+        if self._clock() - self._idle_since >= self._idle_reuse:
+            self._drop()
+            return False
+        return True
 
     def _connection(self) -> http.client.HTTPSConnection:
         if self._conn is None:

@@ -77,7 +77,12 @@ class TokenKeeper:
 
     async def fetch(self) -> Token:
         grant = await asyncio.to_thread(self._client.token, self._device_id)
-        return self._accept(grant)
+        token = self._accept(grant)
+        if self.refresh_in() >= self._client.idle_reuse:
+            # The connection will be too old to reuse by then: a fleet should not hold a
+            # descriptor per device (and the gateway a session) until it is dropped.
+            self._client.close()
+        return token
 
     def refresh_in(self) -> float:
         """Seconds until the current token should be refreshed (0 if there is none)."""
