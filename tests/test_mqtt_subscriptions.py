@@ -95,3 +95,16 @@ def test_random_operations_keep_the_indexes_exact(ops: list[tuple[str, str, str]
         elif op == "drop_filter":
             table.pop(topic_filter, None)
         _check(table)
+
+
+class LoudSession(FakeSession):
+    def __repr__(self) -> str:
+        raise AssertionError("the table's repr must not render sessions")
+
+
+def test_repr_is_a_summary_that_never_renders_sessions() -> None:
+    # amqtt evaluates repr(self._subscriptions) on every SUBSCRIBE, log level or not.
+    table = SubscriptionTable()
+    for i in range(1000):
+        table.setdefault(f"devices/d{i}/commands/#").append((LoudSession(f"d{i}"), 1))
+    assert repr(table) == "<SubscriptionTable: 1000 filters, 1000 clients>"
