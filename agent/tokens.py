@@ -1,10 +1,13 @@
 """Access tokens on the device: when to refresh, how to back off, and the gateway's clock.
 
-Owns: the refresh schedule (about two thirds into a token's life, with jitter, so a
-fleet that booted together does not refresh together), exponential backoff with full
-jitter after failures, and the clock offset learnt from the gateway's `Date` header
-(devices without a real-time clock). The schedule functions are pure; `TokenKeeper`
-is the small stateful wrapper the device loop uses. Must not: log a whole token.
+Owns: the refresh schedule (at a uniformly random point between half and four fifths
+of a token's life, drawn once per token, so that a fleet that booted together spreads
+its refreshes, and the MQTT reconnects that go with them, over 30 % of a lifetime: 90 s
+for the default 300 s tokens; at least a fifth of the life is left for retries),
+exponential backoff with full jitter after failures, and the clock offset learnt from
+the gateway's `Date` header (devices without a real-time clock). The schedule
+functions are pure; `TokenKeeper` is the small stateful wrapper the device loop uses.
+Must not: log a whole token.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from agent.gateway_client import MAX_CLOCK_SKEW, GatewayClient, TokenGrant
 
 __all__ = ["Token", "TokenKeeper", "backoff_delay", "redact", "refresh_delay"]
 
-REFRESH_FRACTION = 2 / 3
-REFRESH_JITTER = 0.1
+REFRESH_WINDOW = (0.5, 0.8)
+"""Where in a token's life the refresh falls, uniformly (fractions of the lifetime)."""
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
 
@@ -42,9 +45,9 @@ def redact(token: str) -> str:
 
 
 def refresh_delay(lifetime: float, rng: random.Random) -> float:
-    """Seconds after issuance to refresh: 2/3 of the life, +-10 %, never past 90 %."""
-    jitter = 1 + rng.uniform(-REFRESH_JITTER, REFRESH_JITTER)
-    return min(lifetime * REFRESH_FRACTION * jitter, lifetime * 0.9)
+    """Seconds after issuance to refresh: uniform in `REFRESH_WINDOW` of the life."""
+    low, high = REFRESH_WINDOW
+    return lifetime * rng.uniform(low, high)
 
 
 def backoff_delay(
@@ -70,6 +73,7 @@ class TokenKeeper:
         self._clock = clock
         self.clock_offset = 0.0
         self.current: Token | None = None
+        self._refresh_at = 0.0
 
     def now(self) -> float:
         """Local time corrected to the gateway's clock when they differ by over 60 s."""
@@ -86,15 +90,14 @@ class TokenKeeper:
 
     def refresh_in(self) -> float:
         """Seconds until the current token should be refreshed (0 if there is none)."""
-        token = self.current
-        if token is None:
+        if self.current is None:
             return 0.0
-        lifetime = token.expires_at - token.issued_at
-        return max(0.0, token.issued_at + refresh_delay(lifetime, self._rng) - self.now())
+        return max(0.0, self._refresh_at - self.now())
 
     def _accept(self, grant: TokenGrant) -> Token:
         if grant.clock_offset is not None and abs(grant.clock_offset) > MAX_CLOCK_SKEW:
             self.clock_offset = grant.clock_offset
         now = self.now()
         self.current = Token(grant.access_token, now, now + grant.expires_in)
+        self._refresh_at = now + refresh_delay(grant.expires_in, self._rng)
         return self.current
