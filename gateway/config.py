@@ -45,6 +45,7 @@ class GatewaySettings(BaseSettings):
     deny_action: Literal["ignore", "disconnect"] = "disconnect"
     max_packet_size: int = Field(default=262144, ge=1024, le=268435455)
     max_connections: int = Field(default=20000, ge=1)
+    mqtt_offline_queue: int = Field(default=1000, ge=1, le=10_000_000)
     max_request_body: int = Field(default=16384, ge=1024)
     http_idle_timeout: float = Field(default=30.0, ge=1.0, le=600.0)
     registry_poll_ms: int = Field(default=200, ge=20, le=5000)
@@ -146,6 +147,10 @@ deny_action = "disconnect"
 max_packet_size = 262144
 # MQTT: most simultaneous connections.
 max_connections = 20000
+# MQTT: QoS 1 messages kept for a persistent session while its client is offline
+# (reconnecting for a new token, say); beyond that the oldest are dropped and counted.
+# A subscriber that takes a whole fleet's traffic needs rate x longest outage.
+mqtt_offline_queue = 1000
 
 # HTTPS: largest request body accepted, in bytes (CSRs, token requests).
 max_request_body = 16384

@@ -85,6 +85,7 @@ async def run_gateway(
             limits=BrokerLimits(
                 max_packet_size=settings.max_packet_size,
                 max_connections=settings.max_connections,
+                max_offline_queue=settings.mqtt_offline_queue,
                 backlog=LISTEN_BACKLOG,
             ),
             deny_action=settings.deny_action,

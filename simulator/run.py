@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import secrets
 import shutil
@@ -48,6 +49,8 @@ __all__ = ["RunResult", "run_simulation"]
 log = logging.getLogger("gatepass.simulator")
 
 VERIFIER_READY_TIMEOUT_S = 30.0
+VERIFIER_OUTAGE_S = 120.0
+"""How long the verifier may be offline (reconnecting) without the gateway dropping its messages."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +201,16 @@ async def _workspace(options: RunOptions) -> AsyncIterator[Path]:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def verifier_queue(options: RunOptions) -> int:
+    """Offline queue for the embedded gateway: the verifier takes every device's traffic.
+
+    It reconnects for each new token like any device; at 5,000 devices a reading every
+    10 s, the gateway's default 1,000 messages would last it 2 s.
+    """
+    rate = options.devices / max(options.interval, 0.001)
+    return max(1000, math.ceil(rate * VERIFIER_OUTAGE_S))
+
+
 @asynccontextmanager
 async def _gateway(
     options: RunOptions, scenario: Scenario, run_dir: Path
@@ -205,7 +218,8 @@ async def _gateway(
     if options.gateway_dir is not None:
         yield existing_gateway(options.gateway_dir)
         return
-    env = dict(scenario.gateway_env(options))
+    env = {"GATEPASS_MQTT_OFFLINE_QUEUE": str(verifier_queue(options))}
+    env.update(scenario.gateway_env(options))
     if options.token_lifetime is not None:
         env["GATEPASS_TOKEN_LIFETIME"] = str(options.token_lifetime)
     gateway = await asyncio.to_thread(embedded_gateway, run_dir / "gateway", env)
