@@ -138,6 +138,7 @@ from gateway.mqtt_policy import (
     check_subscribe,
 )
 from gateway.mqtt_sessions import (
+    QueuedWrite,
     SessionStore,
     SessionStoreError,
     StoredSession,
@@ -191,9 +192,14 @@ class BrokerLimits:
             raise ValueError("queue bounds must be positive")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Queued:
-    """A message in an offline session's queue; `row` names its copy in the store."""
+    """A message in an offline session's queue; `row` names its copy in the store.
+
+    `row` is set once the copy is committed. A message delivered before that (its
+    session came back within the same loop iteration) keeps its stored copy after
+    the PUBACK: at worst one duplicate after a restart, never a loss.
+    """
 
     topic: str
     data: bytes | bytearray
@@ -720,8 +726,9 @@ class _GatepassAmqtt(Broker):  # type: ignore[misc]
         store (before the publisher's PUBACK), bounded the same way.
         """
         topic, data = broadcast["topic"], broadcast["data"]
-        row = self._owner.store_queued(target_session, topic, data, qos)
-        self._enqueue(target_session, _Queued(topic, data, qos, row))
+        item = _Queued(topic, data, qos)
+        self._enqueue(target_session, item)  # in publish order, before the commit's await
+        item.row = await self._owner.store_queued(target_session, topic, data, qos)
 
     def _enqueue(self, session: Session, item: _Queued) -> None:
         queue: asyncio.Queue[_Queued] = session.retained_messages
@@ -873,6 +880,7 @@ class SecureBroker:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._store = session_store
         self._delivered_rows: list[int] = []
+        self._queued_writes: list[tuple[QueuedWrite, asyncio.Future[int]]] = []
         self._idle_sweeper: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -1124,17 +1132,42 @@ class SecureBroker:
         if self._store is not None and client_id in self._store:
             self._store.unsubscribe(client_id, topic_filters)
 
-    def store_queued(
+    async def store_queued(
         self, session: Session, topic: str, data: bytes | bytearray, qos: int
     ) -> int | None:
-        """Write a message queued for an OFFLINE session; its row, or None if not kept."""
+        """Write a message queued for an OFFLINE session; its row, or None if not kept.
+
+        Returns once the message is committed. What one loop iteration queued is
+        committed together (group commit): one synced write per message made a
+        subscriber that was offline under a fleet's traffic stall the whole broker.
+        """
         store, client_id = self._store, session.client_id
         if store is None or not is_durable(bool(session.clean_session), qos):
             return None
         if client_id not in store:
             return None
-        bound = self.limits.max_offline_queue
-        return store.enqueue(client_id, topic, bytes(data), qos, bound=bound).row_id
+        written: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if not self._queued_writes:
+            asyncio.get_running_loop().call_soon(self._flush_queued)
+        self._queued_writes.append(((client_id, topic, bytes(data), qos), written))
+        return await written
+
+    def _flush_queued(self) -> None:
+        batch, self._queued_writes = self._queued_writes, []
+        if not batch or self._store is None:
+            return
+        try:
+            rows = self._store.enqueue_many(
+                [message for message, _ in batch], bound=self.limits.max_offline_queue
+            )
+        except SessionStoreError as exc:
+            for _, written in batch:
+                if not written.done():
+                    written.set_exception(exc)
+            return
+        for (_, written), row in zip(batch, rows, strict=True):
+            if not written.done():
+                written.set_result(row)
 
     def acknowledged(self, session: Session, packet_id: int) -> None:
         """An in-flight message left `inflight_out` for good: drop its stored copy."""

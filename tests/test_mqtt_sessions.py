@@ -144,6 +144,21 @@ def test_enqueue_drops_the_oldest_beyond_the_bound(store: SessionStore) -> None:
     store.close()
 
 
+def test_enqueue_many_is_one_commit_in_order_with_each_bound(store: SessionStore) -> None:
+    store.save("b", "b", RULES)
+    store.save("c", "c", RULES)
+    before = store.commits
+    messages = [("b" if i % 2 else "c", "devices/d/telemetry", b"%d" % i, 1) for i in range(10)]
+    rows = store.enqueue_many(messages, bound=3)
+    assert store.commits == before + 1
+    assert rows == sorted(rows) and len(set(rows)) == 10
+    assert store.enqueue_many([], bound=3) == [] and store.commits == before + 1
+    sessions = {s.client_id: s for s in store.load(NOW)}
+    assert [m.payload for m in sessions["b"].queued] == [b"5", b"7", b"9"]
+    assert [m.payload for m in sessions["c"].queued] == [b"4", b"6", b"8"]
+    store.close()
+
+
 def test_delivered_messages_are_deleted(store: SessionStore) -> None:
     store.save("b", "b", RULES)
     rows = [store.enqueue("b", "t/x", b"%d" % i, 1, bound=10).row_id for i in range(3)]
@@ -387,6 +402,42 @@ async def test_online_delivery_writes_nothing_per_message(
     assert queued_count(db) == 0
     assert stored_rows(db, "SELECT client_id, expires_at FROM sessions") == [("backend", None)]
     await stopped(sub, pub)
+
+
+async def test_messages_for_an_offline_session_are_committed_in_groups(
+    pki: MqttPki, stored_broker: SecureBroker
+) -> None:
+    # One synced commit per message queued for an offline subscriber stalled the broker
+    # when the subscriber taking a 5,000-device fleet's traffic reconnected.
+    store = stored_broker._store
+    assert store is not None
+    db = pki.directory / "mqtt-sessions.db"
+    backend = pki.device("backend")
+    sub = await backend_client(pki, stored_broker.port, backend).connected()
+    mid = sub.subscribe("devices/+/telemetry", qos=1)
+    await wait_until(lambda: mid in sub.suback)
+    await stopped(sub)
+    await wait_until(lambda: is_offline(db, "backend"), what="subscriber offline in store")
+    devices = [pki.device(f"dev-{i}") for i in range(20)]
+    pubs = [await device_client(pki, stored_broker.port, d).connected() for d in devices]
+    before = store.commits
+    sent = {d.device_id: [b"%s-%d" % (d.device_id.encode(), i) for i in range(15)] for d in devices}
+    await asyncio.gather(
+        *(
+            publish_all(pub, f"devices/{d.device_id}/telemetry", sent[d.device_id])
+            for pub, d in zip(pubs, devices, strict=True)
+        )
+    )
+    assert queued_count(db) == 300  # every one stored before its PUBACK
+    groups = store.commits - before
+    assert groups < 300 * 0.8, f"{groups} commits for 300 messages from 20 publishers"
+    sub = await backend_client(pki, stored_broker.port, backend).connected()
+    everything = {payload for payloads in sent.values() for payload in payloads}
+    await wait_until(lambda: set(sub.payloads()) == everything, timeout=20, what="delivery")
+    for device_id, payloads in sent.items():  # each publisher's messages in its order
+        assert [p for p in sub.payloads() if p.startswith(device_id.encode() + b"-")] == payloads
+    await wait_until(lambda: queued_count(db) == 0, what="acknowledged copies deleted")
+    await stopped(sub, *pubs)
 
 
 async def test_unsubscribe_and_clean_session_are_stored(
