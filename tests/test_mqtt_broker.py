@@ -32,6 +32,9 @@ from tests.helpers_mqtt import (
     wait_until,
 )
 
+AMQTT_RESEND_LIMIT_S = 10.0
+"""amqtt 0.12.1 `ProtocolHandler._retry_deliveries`: each resend's `wait_for`."""
+
 
 @pytest.fixture
 def pki(tmp_path: Path) -> MqttPki:
@@ -601,3 +604,38 @@ async def test_hole_acknowledged_qos1_survives_a_gateway_sigkill(pki: MqttPki) -
     lost = sorted(int(payload) for payload in missing)
     assert not lost, f"{len(lost)} of {len(acknowledged)} acknowledged messages lost: {lost[:20]}"
     await stopped(sub, pub)
+
+
+async def test_hole_resend_on_resume_waits_for_a_slow_puback(
+    pki: MqttPki, broker: SecureBroker
+) -> None:
+    # Stock amqtt 0.12.1 gives a message resent on resume 10 s for its PUBACK, then drops
+    # the wait (and logs the TimeoutError's traceback): a later PUBACK is "for unknown
+    # pending message", the message stays in flight and goes out again on the next
+    # resume. Closed by _GatepassHandler._retry_deliveries.
+    dev, cmd = pki.device("dev-1"), pki.device("backend")
+    first = await device_client(
+        pki, broker.port, dev, clean_session=False, manual_ack=True
+    ).connected()
+    mid = first.subscribe("devices/dev-1/commands/#", qos=1)
+    await wait_until(lambda: mid in first.suback)
+    commander_acl = entries(("allow", "publish", "devices/+/commands/#"))
+    commander = await device_client(
+        pki, broker.port, cmd, token=pki.token(cmd, acl=commander_acl)
+    ).connected()
+    commander.publish("devices/dev-1/commands/a", b"1", qos=1)
+    await wait_until(lambda: first.payloads() == [b"1"], what="first delivery")
+    first.drop()  # received, never acknowledged
+    await wait_until(lambda: broker.live_sessions == 1, what="broker saw the drop")
+    second = await device_client(
+        pki, broker.port, dev, clean_session=False, manual_ack=True
+    ).connected()
+    await wait_until(lambda: second.payloads() == [b"1"], what="resent on resume")
+    # The passing of amqtt's limit is what this test is about, so it waits it out.
+    await asyncio.sleep(AMQTT_RESEND_LIMIT_S + 0.5)
+    resent = second.raw_messages[0]
+    second.client.ack(resent.mid, resent.qos)
+    assert broker._amqtt is not None
+    session = broker._amqtt._sessions["dev-1"][0]
+    await wait_until(lambda: not session.inflight_out, what="the late PUBACK settled it")
+    await stopped(commander, second)
