@@ -348,24 +348,34 @@ async def test_hole_refused_qos1_publish_gets_no_puback(pki: MqttPki) -> None:
         await stopped(client)
 
 
-async def test_hole_qos1_redelivered_on_resume(pki: MqttPki, broker: SecureBroker) -> None:
-    # amqtt issue 401: stock amqtt 0.12.1 forgets an outgoing QoS 1 message when the
-    # subscriber disconnects before PUBACK; the resumed session never gets it. Closed by
-    # _handle_qos1_message_flow (kept in flight, resent with DUP by _retry_deliveries).
-    dev, cmd = pki.device("dev-1"), pki.device("backend")
+async def delivered_then_dropped(pki: MqttPki, broker: SecureBroker, dev: Device) -> MqttClient:
+    """`dev`'s persistent session got command b"1" and vanished before its PUBACK.
+
+    Returns the (connected) commander that sent it.
+    """
     first = await device_client(
         pki, broker.port, dev, clean_session=False, manual_ack=True
     ).connected()
-    mid = first.subscribe("devices/dev-1/commands/#", qos=1)
+    mid = first.subscribe(f"devices/{dev.device_id}/commands/#", qos=1)
     await wait_until(lambda: mid in first.suback)
+    cmd = pki.device("backend")
     commander_acl = entries(("allow", "publish", "devices/+/commands/#"))
     commander = await device_client(
         pki, broker.port, cmd, token=pki.token(cmd, acl=commander_acl)
     ).connected()
-    commander.publish("devices/dev-1/commands/a", b"1", qos=1)
+    commander.publish(f"devices/{dev.device_id}/commands/a", b"1", qos=1)
     await wait_until(lambda: first.payloads() == [b"1"], what="first delivery")
     first.drop()  # received, never acknowledged
     await wait_until(lambda: broker.live_sessions == 1, what="broker saw the drop")
+    return commander
+
+
+async def test_hole_qos1_redelivered_on_resume(pki: MqttPki, broker: SecureBroker) -> None:
+    # amqtt issue 401: stock amqtt 0.12.1 forgets an outgoing QoS 1 message when the
+    # subscriber disconnects before PUBACK; the resumed session never gets it. Closed by
+    # _handle_qos1_message_flow (kept in flight, resent with DUP by _retry_deliveries).
+    dev = pki.device("dev-1")
+    commander = await delivered_then_dropped(pki, broker, dev)
     commander.publish("devices/dev-1/commands/b", b"2", qos=1)  # queued while offline
     second = await device_client(pki, broker.port, dev, clean_session=False).connected()
     assert second.session_present is True
@@ -613,20 +623,8 @@ async def test_hole_resend_on_resume_waits_for_a_slow_puback(
     # the wait (and logs the TimeoutError's traceback): a later PUBACK is "for unknown
     # pending message", the message stays in flight and goes out again on the next
     # resume. Closed by _GatepassHandler._retry_deliveries.
-    dev, cmd = pki.device("dev-1"), pki.device("backend")
-    first = await device_client(
-        pki, broker.port, dev, clean_session=False, manual_ack=True
-    ).connected()
-    mid = first.subscribe("devices/dev-1/commands/#", qos=1)
-    await wait_until(lambda: mid in first.suback)
-    commander_acl = entries(("allow", "publish", "devices/+/commands/#"))
-    commander = await device_client(
-        pki, broker.port, cmd, token=pki.token(cmd, acl=commander_acl)
-    ).connected()
-    commander.publish("devices/dev-1/commands/a", b"1", qos=1)
-    await wait_until(lambda: first.payloads() == [b"1"], what="first delivery")
-    first.drop()  # received, never acknowledged
-    await wait_until(lambda: broker.live_sessions == 1, what="broker saw the drop")
+    dev = pki.device("dev-1")
+    commander = await delivered_then_dropped(pki, broker, dev)
     second = await device_client(
         pki, broker.port, dev, clean_session=False, manual_ack=True
     ).connected()
