@@ -1185,10 +1185,10 @@ class SecureBroker:
 
     def _flush_queued(self) -> None:
         batch, self._queued_writes = self._queued_writes, []
-        if not batch or self._store is None:
-            return
+        store = self._store
+        assert store is not None  # only `store_queued` fills the batch, and only with one
         try:
-            rows = self._store.enqueue_many(
+            rows = store.enqueue_many(
                 [message for message, _ in batch], bound=self.limits.max_offline_queue
             )
         except SessionStoreError as exc:
