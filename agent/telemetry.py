@@ -41,9 +41,12 @@ def cpu_temperature_c(thermal: Path = THERMAL) -> float | None:
         return None
 
 
-def reading_payload(device_id: str, seq: int, ts: float) -> bytes:
-    """One reading: at least `device_id`, `seq` and `ts` (Unix seconds)."""
+def reading_payload(device_id: str, seq: int, ts: float, *, host: bool = True) -> bytes:
+    """One reading: `device_id`, `seq` and `ts` (Unix seconds), and with `host` this
+    host's load, available memory and CPU temperature where it can read them."""
     body: dict[str, Any] = {"device_id": device_id, "seq": seq, "ts": round(ts, 3)}
+    if not host:
+        return json.dumps(body, separators=(",", ":")).encode()
     extras = {
         "load": load_average(),
         "mem_available_kb": memory_available_kb(),

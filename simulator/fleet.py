@@ -153,6 +153,10 @@ class Fleet:
             count=None,
             outbox_sync="NORMAL",
             telemetry=False,
+            # The simulator keeps its own per-device figures; a synced status file and
+            # /proc reads per reading cost its one event loop 20 % at 5,000 devices.
+            status_file=False,
+            host_readings=False,
         )
         return Device(
             identity,
