@@ -45,12 +45,11 @@ def reading_payload(device_id: str, seq: int, ts: float, *, host: bool = True) -
     """One reading: `device_id`, `seq` and `ts` (Unix seconds), and with `host` this
     host's load, available memory and CPU temperature where it can read them."""
     body: dict[str, Any] = {"device_id": device_id, "seq": seq, "ts": round(ts, 3)}
-    if not host:
-        return json.dumps(body, separators=(",", ":")).encode()
-    extras = {
-        "load": load_average(),
-        "mem_available_kb": memory_available_kb(),
-        "cpu_temp_c": cpu_temperature_c(),
-    }
-    body.update({k: v for k, v in extras.items() if v is not None})
+    if host:
+        extras = {
+            "load": load_average(),
+            "mem_available_kb": memory_available_kb(),
+            "cpu_temp_c": cpu_temperature_c(),
+        }
+        body.update({k: v for k, v in extras.items() if v is not None})
     return json.dumps(body, separators=(",", ":")).encode()

@@ -102,7 +102,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 from amqtt.adapters import BufferReader, ReaderAdapter, WriterAdapter
 from amqtt.broker import AMQTT_MAGIC_VALUE_RET_SUBSCRIBED, Broker
@@ -193,6 +193,34 @@ class BrokerLimits:
             raise ValueError("limits must be positive")
         if min(self.max_incoming_queue, self.max_offline_queue) < 1:
             raise ValueError("queue bounds must be positive")
+
+
+T = TypeVar("T")
+
+
+class _IterationBatch(Generic[T]):
+    """What one event-loop iteration gathers, handed to `flush_items` together at its end.
+
+    One store transaction (one sync) per batch instead of one per item: the more the
+    broker has to do in an iteration, the larger its batches.
+    """
+
+    __slots__ = ("_flush_items", "_items")
+
+    def __init__(self, flush_items: Callable[[list[T]], None]) -> None:
+        self._flush_items = flush_items
+        self._items: list[T] = []
+
+    def add(self, item: T) -> None:
+        if not self._items:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._items.append(item)
+
+    def flush(self) -> None:
+        """Hand over what was gathered now (also at shutdown); a no-op when empty."""
+        items, self._items = self._items, []
+        if items:
+            self._flush_items(items)
 
 
 @dataclass(slots=True)
@@ -910,8 +938,8 @@ class SecureBroker:
         self._sweeper: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._store = session_store
-        self._delivered_rows: list[int] = []
-        self._queued_writes: list[tuple[QueuedWrite, asyncio.Future[int]]] = []
+        self._delivered = _IterationBatch[int](self._delete_delivered)
+        self._queued = _IterationBatch[tuple[QueuedWrite, asyncio.Future[int]]](self._commit_queued)
         self._idle_sweeper: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -963,7 +991,7 @@ class SecureBroker:
             connection.close(CloseReason.shutdown)
         if self._handlers:
             await asyncio.wait(self._handlers, timeout=TAKEOVER_WAIT_SECONDS)
-        self._flush_delivered()
+        self._delivered.flush()
         if self._amqtt is not None:
             await self._amqtt.shutdown()
             self._amqtt = None
@@ -1178,13 +1206,10 @@ class SecureBroker:
         if client_id not in store:
             return None
         written: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        if not self._queued_writes:
-            asyncio.get_running_loop().call_soon(self._flush_queued)
-        self._queued_writes.append(((client_id, topic, bytes(data), qos), written))
+        self._queued.add(((client_id, topic, bytes(data), qos), written))
         return await written
 
-    def _flush_queued(self) -> None:
-        batch, self._queued_writes = self._queued_writes, []
+    def _commit_queued(self, batch: list[tuple[QueuedWrite, asyncio.Future[int]]]) -> None:
         store = self._store
         assert store is not None  # only `store_queued` fills the batch, and only with one
         try:
@@ -1209,13 +1234,10 @@ class SecureBroker:
     def delivered(self, row: int | None) -> None:
         if row is None or self._store is None:
             return
-        if not self._delivered_rows:
-            asyncio.get_running_loop().call_soon(self._flush_delivered)
-        self._delivered_rows.append(row)
+        self._delivered.add(row)
 
-    def _flush_delivered(self) -> None:
-        rows, self._delivered_rows = self._delivered_rows, []
-        if rows and self._store is not None:
+    def _delete_delivered(self, rows: list[int]) -> None:
+        if self._store is not None:
             try:
                 self._store.delivered(rows)
             except SessionStoreError:

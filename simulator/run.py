@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.enrollment import enroll
+from gateway.config import GatewaySettings
 from shared.acl import rules_from_cli
 from shared.gc_policy import FullCollectionPolicy, run_collector
 from simulator.console import PhaseProgress
@@ -208,7 +209,8 @@ def verifier_queue(options: RunOptions) -> int:
     10 s, the gateway's default 1,000 messages would last it 2 s.
     """
     rate = options.devices / max(options.interval, 0.001)
-    return max(1000, math.ceil(rate * VERIFIER_OUTAGE_S))
+    default = int(GatewaySettings.model_fields["mqtt_offline_queue"].default)
+    return max(default, math.ceil(rate * VERIFIER_OUTAGE_S))
 
 
 @asynccontextmanager
