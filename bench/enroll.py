@@ -9,8 +9,9 @@ round, so a drift in machine speed does not favour either side), it measures:
 
 * ``enrollments_per_s``: `POST /.well-known/est/simpleenroll` (HTTP Basic, base64 DER
   CSR) each on a FRESH TLS connection (`Connection: close`, no keep-alive, no session
-  resumption), i.e. a full handshake + scrypt + CSR policy + issuing + two registry
-  commits + the PKCS#7 reply;
+  resumption; the agent's own client, `OneWriteHTTPSConnection`, which sends the
+  request's head and body in one TLS record), i.e. a full handshake + scrypt + CSR
+  policy + issuing + two registry commits + the PKCS#7 reply;
 * ``bare_handshakes_per_s``: a full TLS handshake on a fresh connection, then close, no
   HTTP at all: the issue's baseline;
 * ``handshakes_per_s``: the same client code doing a full handshake and `GET /healthz`
@@ -53,7 +54,6 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse  # noqa: E402
 import base64  # noqa: E402
-import http.client  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import socket  # noqa: E402
@@ -68,6 +68,7 @@ from pathlib import Path  # noqa: E402
 
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
+from agent.gateway_client import OneWriteHTTPSConnection  # noqa: E402
 from bench._common import UNLIMITED_ENV, server_cpu_seconds, stop_gateway  # noqa: E402
 from gateway.enrollment_secrets import hash_secret, new_secret  # noqa: E402
 from gateway.registry import Registry  # noqa: E402
@@ -116,7 +117,7 @@ def _request(
     method: str, path: str, body: bytes | None, headers: dict[str, str]
 ) -> tuple[int, bytes]:
     """One request on a fresh TLS connection, closed afterwards (full handshake each)."""
-    conn = http.client.HTTPSConnection(*_address, context=_ctx, timeout=TIMEOUT_S)
+    conn = OneWriteHTTPSConnection(*_address, context=_ctx, timeout=TIMEOUT_S)
     try:
         conn.request(method, path, body=body, headers={**headers, "Connection": "close"})
         response = conn.getresponse()

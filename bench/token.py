@@ -6,7 +6,8 @@ over HTTPS (EST `simpleenroll`), then measures in `--rounds` interleaved rounds 
 alternates, so drift in machine speed favours neither side), median of rounds:
 
 (a) keep-alive: `POST /oauth2/token` (`grant_type=client_credentials`, mutual TLS)
-    back to back over ONE kept-alive `http.client.HTTPSConnection`, against
+    back to back over ONE kept-alive connection of the agent's own client
+    (`OneWriteHTTPSConnection`: head and body in one TLS record), against
     `GET /healthz` back to back over one kept-alive mTLS connection of its own. One
     synchronous client, as a device refreshing its token would be: this measures the
     request path (aiohttp + token service) per request, client cost included on both
@@ -53,6 +54,7 @@ from pathlib import Path  # noqa: E402
 
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
+from agent.gateway_client import OneWriteHTTPSConnection  # noqa: E402
 from bench._common import UNLIMITED_ENV, server_cpu_seconds, stop_gateway  # noqa: E402
 from gateway.tls import client_context  # noqa: E402
 from shared.pki import (  # noqa: E402
@@ -135,7 +137,7 @@ def _fresh_connections(job: tuple[str, int]) -> int:
     assert _tls is not None
     request = REQUESTS[kind]
     for _ in range(count):
-        conn = http.client.HTTPSConnection(_tls.host, _tls.port, context=_ctx, timeout=TIMEOUT_S)
+        conn = OneWriteHTTPSConnection(_tls.host, _tls.port, context=_ctx, timeout=TIMEOUT_S)
         try:
             request(conn, {"Connection": "close"})
         finally:
@@ -249,7 +251,7 @@ def bench(gw: GatewayProcess, tls: Tls, args: argparse.Namespace) -> dict[str, o
     pid = gw.proc.pid
     ctx = tls.context()
     conns = {
-        kind: http.client.HTTPSConnection(tls.host, tls.port, context=ctx, timeout=TIMEOUT_S)
+        kind: OneWriteHTTPSConnection(tls.host, tls.port, context=ctx, timeout=TIMEOUT_S)
         for kind in REQUESTS
     }
     try:

@@ -141,7 +141,11 @@ async def token(request: web.Request) -> web.StreamResponse:
         issued = gw.tokens.issue(_peer_certificate(request), form, _source(request))
     except ClientError as exc:
         return _oauth_error(exc)
-    return web.json_response(issued, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+    return web.Response(
+        body=issued.to_json(),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
+    )
 
 
 async def jwks(request: web.Request) -> web.StreamResponse:

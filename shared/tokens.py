@@ -1,9 +1,9 @@
 """Minting and verifying Gatepass access tokens (compact JWS, ES256, RFC 9068 `at+jwt`).
 
-Owns: `new_access_token_claims` and `mint_access_token` (the token service side),
-`TokenVerifier` (the broker side: parse, authenticate, validate, cache),
-`verify_jws_signature` and `verify_es256_signature` (the JWS layer alone), and
-`TokenRejected` with its `RejectReason`.
+Owns: `new_access_token_claims`, `mint_access_token` and `TokenTemplate` (the token
+service side), `TokenVerifier` (the broker side: parse, authenticate, validate,
+cache), `verify_jws_signature` and `verify_es256_signature` (the JWS layer alone),
+and `TokenRejected` with its `RejectReason`.
 Must not: read the clock (`now` is a parameter), touch files or the network, log, or
 accept anything but compact ES256 with a key from the in-memory `KeySet`.
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import math
 import re
@@ -59,8 +60,10 @@ __all__ = [
     "FORBIDDEN_HEADERS",
     "LEEWAY_SECONDS",
     "MAX_TOKEN_BYTES",
+    "MintedToken",
     "RejectReason",
     "TokenRejected",
+    "TokenTemplate",
     "TokenVerifier",
     "mint_access_token",
     "new_access_token_claims",
@@ -385,6 +388,23 @@ def _validate_claims(payload: bytes) -> AccessTokenClaims:
         _reject(RejectReason.bad_claims, ",".join(fields))
 
 
+def _token_times(now: float, lifetime: int, not_after: float | None) -> tuple[int, int]:
+    """(iat, exp) of a token minted at `now`: whole seconds, never past `not_after`."""
+    if lifetime <= 0:
+        raise ValueError("lifetime must be positive")
+    issued = math.floor(now)
+    exp = issued + lifetime
+    if not_after is not None:
+        exp = min(exp, math.floor(not_after))
+    if exp <= issued:
+        raise ValueError("the client certificate expires before the token could start")
+    return issued, exp
+
+
+def _new_jti() -> str:
+    return secrets.token_urlsafe(16)
+
+
 def new_access_token_claims(
     *,
     device_id: str,
@@ -402,14 +422,7 @@ def new_access_token_claims(
     `cert_thumbprint` is the `x5t#S256` of the client certificate, `not_after` its
     expiry. Raises ValueError if no valid token can be made (e.g. certificate expired).
     """
-    if lifetime <= 0:
-        raise ValueError("lifetime must be positive")
-    issued = math.floor(now)
-    exp = issued + lifetime
-    if not_after is not None:
-        exp = min(exp, math.floor(not_after))
-    if exp <= issued:
-        raise ValueError("the client certificate expires before the token could start")
+    issued, exp = _token_times(now, lifetime, not_after)
     return AccessTokenClaims(
         iss=issuer,
         sub=device_id,
@@ -418,7 +431,7 @@ def new_access_token_claims(
         iat=issued,
         nbf=issued,
         exp=exp,
-        jti=secrets.token_urlsafe(16),
+        jti=_new_jti(),
         cnf=Confirmation.model_validate({"x5t#S256": cert_thumbprint}),
         acl=tuple(acl),
         scope=scope,
@@ -429,13 +442,87 @@ def _json(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
-def mint_access_token(claims: AccessTokenClaims, key: SigningKey) -> str:
-    """Sign `claims` as a compact ES256 JWS with header {alg, typ: at+jwt, kid}."""
-    header = {"alg": ALGORITHM, "typ": ACCESS_TOKEN_TYPE, "kid": key.kid}
-    signing_input = f"{_b64encode(_json(header))}.{_b64encode(_json(claims.to_jwt_payload()))}"
+@functools.lru_cache(maxsize=64)
+def _header_segment(kid: str) -> str:
+    return _b64encode(_json({"alg": ALGORITHM, "typ": ACCESS_TOKEN_TYPE, "kid": kid}))
+
+
+def _sign_compact(payload_json: bytes, key: SigningKey) -> str:
+    """The compact JWS of `payload_json` with header {alg, typ: at+jwt, kid}."""
+    signing_input = f"{_header_segment(key.kid)}.{_b64encode(payload_json)}"
     r, s = decode_dss_signature(key.private_key.sign(signing_input.encode("ascii"), _ECDSA_SHA256))
     signature = r.to_bytes(_SCALAR_BYTES, "big") + s.to_bytes(_SCALAR_BYTES, "big")
     token = f"{signing_input}.{_b64encode(signature)}"
     if len(token) > MAX_TOKEN_BYTES:
         raise ValueError(f"token would be {len(token)} bytes; verifiers accept {MAX_TOKEN_BYTES}")
     return token
+
+
+def mint_access_token(claims: AccessTokenClaims, key: SigningKey) -> str:
+    """Sign `claims` as a compact ES256 JWS with header {alg, typ: at+jwt, kid}."""
+    return _sign_compact(_json(claims.to_jwt_payload()), key)
+
+
+class MintedToken(NamedTuple):
+    token: str
+    iat: int
+    exp: int
+
+
+class TokenTemplate:
+    """One certificate's token, validated and serialized once, minted again and again.
+
+    A device gets the same claims for every token on a certificate; only `iat`, `nbf`,
+    `exp` and `jti` change. Building the pydantic model and its JSON for each token
+    cost twice the signature itself, so the fixed members go through
+    `new_access_token_claims` (the same validation as the one-off path) once, here,
+    and are kept as JSON bytes; `mint` appends the four changing members, which are
+    integers and a base64url string and so need no escaping.
+    """
+
+    __slots__ = ("_lifetime", "_not_after", "_prefix")
+
+    _CHANGING: Final = ("iat", "nbf", "exp", "jti")
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        acl: Iterable[AclEntry],
+        cert_thumbprint: str,
+        issuer: str,
+        audience: str | tuple[str, ...],
+        lifetime: int,
+        not_after: float | None = None,
+        scope: str | None = None,
+    ) -> None:
+        sample = new_access_token_claims(
+            device_id=device_id,
+            acl=acl,
+            cert_thumbprint=cert_thumbprint,
+            issuer=issuer,
+            audience=audience,
+            lifetime=lifetime,
+            now=0,
+            scope=scope,
+        )
+        fixed = {k: v for k, v in sample.to_jwt_payload().items() if k not in self._CHANGING}
+        self._prefix = _json(fixed)[:-1]  # without the closing brace
+        self._lifetime = lifetime
+        self._not_after = not_after
+
+    def claims_json(self, now: float) -> tuple[bytes, int, int]:
+        """The payload of a token minted at `now`, with its iat and exp."""
+        issued, exp = _token_times(now, self._lifetime, self._not_after)
+        changing = b',"iat":%d,"nbf":%d,"exp":%d,"jti":"%s"}' % (
+            issued,
+            issued,
+            exp,
+            _new_jti().encode("ascii"),
+        )
+        return self._prefix + changing, issued, exp
+
+    def mint(self, key: SigningKey, now: float) -> MintedToken:
+        """A signed token valid from `now`; ValueError if none can be made."""
+        payload, issued, exp = self.claims_json(now)
+        return MintedToken(_sign_compact(payload, key), issued, exp)

@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 import select
 import signal
+import socket
 import ssl
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.gateway_client import GatewayClient
+from agent.gateway_client import GatewayClient, OneWriteHTTPSConnection
 from agent.tokens import TokenKeeper
+from gateway.statedir import StateDir
+from gateway.tls import client_context, server_context
 from tests.gatewayproc import GatewayProcess, init_gateway, running_gateway, start_gateway
 from tests.test_est_http import enroll_ok
 
@@ -141,3 +145,34 @@ def test_token_keeper_keeps_the_connection_when_the_next_refresh_is_near(
     client = device_client(gw, tmp_path, clients, idle_reuse=3600)
     asyncio.run(TokenKeeper(client, DEVICE).fetch())
     assert client._conn is not None
+
+
+def test_a_request_leaves_in_one_tls_record(gw_root: Path) -> None:
+    # http.client writes a request's head and body apart: two TLS records, and on the
+    # gateway two reads and an extra wake-up before the token request is whole.
+    state = StateDir(gw_root)
+    server_ctx = server_context(state.server_cert, state.server_key, state.ca_cert)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        records: list[bytes] = []
+
+        def serve() -> None:
+            raw, _ = listener.accept()
+            with server_ctx.wrap_socket(raw, server_side=True) as tls:
+                records.append(tls.recv(65536))  # one record's plaintext at most
+                tls.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        conn = OneWriteHTTPSConnection(
+            "127.0.0.1", port, context=client_context(state.ca_cert), timeout=10
+        )
+        try:
+            body = b"grant_type=client_credentials"
+            conn.request("POST", "/oauth2/token", body=body, headers={"X-Test": "1"})
+            assert conn.getresponse().status == 204
+        finally:
+            conn.close()
+        server.join(timeout=10)
+    assert records and records[0].startswith(b"POST /oauth2/token HTTP/1.1\r\n")
+    assert records[0].endswith(b"\r\n\r\n" + body)

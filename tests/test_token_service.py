@@ -8,6 +8,7 @@ next token request.
 from __future__ import annotations
 
 import base64
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from gateway.errors import OAuthError
 from gateway.init import initialize
 from gateway.registry import Registry
 from gateway.runtime import Gateway
-from gateway.token_service import inspect_client_certificate
+from gateway.token_service import TokenResponse, inspect_client_certificate
 from shared.acl import default_rules
 from shared.pki import build_csr, certs_from_pkcs7, generate_p256_key, x5t_s256
 from shared.tokens import TokenVerifier
@@ -80,7 +81,7 @@ async def test_issued_token_is_bound_to_the_certificate(gateway: Gateway) -> Non
         issuer=gateway.settings.issuer,
         audience=gateway.settings.audience,
     )
-    claims = verifier.verify(issued["access_token"], now=time.time())
+    claims = verifier.verify(issued.access_token, now=time.time())
     assert claims.sub == "svc-1"
     assert claims.cnf.x5t_s256 == x5t_s256(der)
     assert [e.topic for e in claims.acl] == [
@@ -104,7 +105,7 @@ async def test_own_reenrollment_supersedes_the_old_certificate_at_once(gateway: 
     body = await gateway.enrollment.reenroll(old, _csr("svc-3"), "127.0.0.1")
     new = _device_cert(body, "svc-3")
     assert _refusal(gateway, old) == "certificate superseded"
-    assert gateway.tokens.issue(new, FORM, "127.0.0.1")["token_type"] == "Bearer"
+    assert gateway.tokens.issue(new, FORM, "127.0.0.1").token_type == "Bearer"
 
 
 async def test_cached_certificate_is_still_refused_after_its_expiry(gateway: Gateway) -> None:
@@ -124,3 +125,18 @@ def test_ca_certificate_is_not_a_client(gateway: Gateway) -> None:
 def test_garbage_is_not_a_certificate() -> None:
     with pytest.raises(OAuthError, match="unusable client certificate"):
         inspect_client_certificate(b"\x30\x03garbage")
+
+
+def test_token_response_body_is_the_rfc_6749_json() -> None:
+    body = TokenResponse("eyJh.eyJz.c2ln-_", 300).to_json()
+    assert json.loads(body) == {
+        "access_token": "eyJh.eyJz.c2ln-_",
+        "token_type": "Bearer",
+        "expires_in": 300,
+    }
+
+
+@pytest.mark.parametrize("token", ['a"b', "a\\b", "a b", "é", ""])
+def test_token_response_refuses_what_would_need_json_escaping(token: str) -> None:
+    with pytest.raises(ValueError):
+        TokenResponse(token, 300).to_json()
