@@ -33,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.errors import ClockSkew, GatewayRefused, GatewayUnreachable, WrongSecret
+from agent.tls_resumption import SessionSlot
 from shared.errors import PkiError
 from shared.pki import certs_from_pkcs7
 
@@ -66,7 +67,8 @@ class TokenGrant:
 
 
 class OneWriteHTTPSConnection(http.client.HTTPSConnection):
-    """An `HTTPSConnection` that sends a request's head and body in one write.
+    """An `HTTPSConnection` that sends a request's head and body in one write, and
+    may resume a TLS session (`session`, from `agent.tls_resumption`).
 
     `http.client` writes the head and the body separately: two TLS records, two TCP
     segments, and on the gateway two reads and an extra wake-up before the request is
@@ -75,6 +77,25 @@ class OneWriteHTTPSConnection(http.client.HTTPSConnection):
     """
 
     _gathered: list[bytes] | None = None
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        context: ssl.SSLContext,
+        timeout: float,
+        session: ssl.SSLSession | None = None,
+    ) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._tls_context = context
+        self._session = session
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)  # TCP (and TCP_NODELAY)
+        self.sock = self._tls_context.wrap_socket(
+            self.sock, server_hostname=self.host, session=self._session
+        )
 
     def request(
         self,
@@ -120,8 +141,9 @@ class GatewayClient:
         self._timeout = timeout
         self._idle_reuse = idle_reuse
         self._clock = clock
-        self._conn: http.client.HTTPSConnection | None = None
+        self._conn: OneWriteHTTPSConnection | None = None
         self._idle_since = 0.0  # monotonic time the connection's last reply was read
+        self._session = SessionSlot()
         self._lock = threading.Lock()
 
     @property
@@ -217,12 +239,16 @@ class GatewayClient:
                     raise _verification_error(exc) from exc
                 except (OSError, http.client.HTTPException) as exc:
                     self._drop()
+                    if isinstance(exc, ssl.SSLError):
+                        self._session.forget()  # the next handshake is a full one
                     if reused and attempt == 1:
                         continue  # the gateway had closed the kept-alive connection
                     raise GatewayUnreachable(
                         f"cannot reach the gateway at {self._host}:{self._port}: {_reason(exc)}"
                     ) from exc
                 self._idle_since = self._clock()
+                if isinstance(conn.sock, ssl.SSLSocket):
+                    self._session.keep(conn.sock)  # the ticket came with the reply
                 if response.getheader("Connection", "").lower() == "close":
                     self._drop()
                 return Reply(response.status, data, _clock_offset(response.getheader("Date")))
@@ -237,10 +263,14 @@ class GatewayClient:
             return False
         return True
 
-    def _connection(self) -> http.client.HTTPSConnection:
+    def _connection(self) -> OneWriteHTTPSConnection:
         if self._conn is None:
             self._conn = OneWriteHTTPSConnection(
-                self._host, self._port, timeout=self._timeout, context=self._context
+                self._host,
+                self._port,
+                timeout=self._timeout,
+                context=self._context,
+                session=self._session.offer(self._context),
             )
         return self._conn
 

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
+from agent.tls_resumption import SessionSlot
 from shared.errors import GatepassError
 
 if TYPE_CHECKING:
@@ -242,8 +243,12 @@ async def _wait_fd(fd: int, *, write: bool) -> None:
             loop.remove_reader(fd)
 
 
-async def _tls_handshake(sock: socket.socket, ctx: ssl.SSLContext, host: str) -> ssl.SSLSocket:
-    tls = ctx.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+async def _tls_handshake(
+    sock: socket.socket, ctx: ssl.SSLContext, host: str, session: ssl.SSLSession | None
+) -> ssl.SSLSocket:
+    tls = ctx.wrap_socket(
+        sock, server_hostname=host, do_handshake_on_connect=False, session=session
+    )
     try:
         while True:
             try:
@@ -259,12 +264,12 @@ async def _tls_handshake(sock: socket.socket, ctx: ssl.SSLContext, host: str) ->
 
 
 async def _open_stream(
-    host: str, port: int, tls_context: ssl.SSLContext | None
+    host: str, port: int, tls_context: ssl.SSLContext | None, session: ssl.SSLSession | None
 ) -> socket.socket | ssl.SSLSocket:
     sock = await _tcp_connect(host, port)
     if tls_context is None:
         return sock
-    return await _tls_handshake(sock, tls_context, host)
+    return await _tls_handshake(sock, tls_context, host, session)
 
 
 def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
@@ -302,6 +307,10 @@ class MqttLink:
         self._publishes: dict[int, asyncio.Future[None]] = {}
         self._subscribes: dict[int, asyncio.Future[list[int]]] = {}
         self._closing = False
+        self._tls_session = SessionSlot()
+        self._tls_server: tuple[str, int] | None = None
+        self.resumed = False
+        """Whether the current (or last) connection resumed an earlier TLS session."""
 
     # -- state -------------------------------------------------------------------------
 
@@ -352,9 +361,14 @@ class MqttLink:
         if self._client is not None:
             raise RuntimeError("the link is already connected; disconnect first")
         self._loop = asyncio.get_running_loop()
+        if self._tls_server != (host, port):
+            self._tls_session.forget()  # a session is only for the server that issued it
+            self._tls_server = (host, port)
+        session = self._tls_session.offer(tls_context) if tls_context is not None else None
         try:
             async with asyncio.timeout(timeout):
-                sock = await _open_stream(host, port, tls_context)
+                sock = await _open_stream(host, port, tls_context, session)
+                self.resumed = isinstance(sock, ssl.SSLSocket) and bool(sock.session_reused)
                 connack = self._start(
                     sock, host, port, client_id, clean_session, keepalive, username, password
                 )
@@ -363,6 +377,8 @@ class MqttLink:
             self._abort("connect timed out")
             raise ConnectTimeout(f"no CONNACK from {host}:{port} within {timeout} s") from exc
         except OSError as exc:  # DNS, TCP and TLS (ssl.SSLError) failures
+            if isinstance(exc, ssl.SSLError):
+                self._tls_session.forget()  # the next handshake is a full one
             self._abort(f"connect failed: {exc}")
             raise ConnectFailed(f"cannot connect to {host}:{port}: {exc}") from exc
         except ValueError as exc:  # ssl.CertificateError and invalid client ids
@@ -525,6 +541,9 @@ class MqttLink:
             return
         rc = _CONNACK_RC_BY_NAME.get(reason.getName(), reason.value)
         if rc == 0:
+            sock = client.socket()
+            if isinstance(sock, ssl.SSLSocket):
+                self._tls_session.keep(sock)  # the ticket arrived before the CONNACK
             connack.set_result(flags.session_present)
         else:
             _set_exception(connack, ConnectRefused(rc))

@@ -75,7 +75,8 @@ class Verifier:
         """Called with every raw delivery first (a scenario may watch for forbidden ones)."""
         self._clock = clock
         self._rng = random.Random()
-        self._client = GatewayClient(identity.gateway_url, identity.tls_context())
+        self._tls_context = identity.tls_context()  # one context: its TLS sessions resume
+        self._client = GatewayClient(identity.gateway_url, self._tls_context)
         self._tokens = TokenKeeper(self._client, identity.device_id, self._rng)
         self._link = MqttLink(on_message=self._message)
         self._task: asyncio.Task[None] | None = None
@@ -121,7 +122,7 @@ class Verifier:
             client_id=self.device_id,
             username=self.device_id,
             password=token.value,
-            tls_context=self.identity.tls_context() if self._tls else None,
+            tls_context=self._tls_context if self._tls else None,
             clean_session=False,
             keepalive=KEEPALIVE,
         )
