@@ -40,7 +40,8 @@ override names the hole it closes and has a regression test in
                                    the offline queue is sent without RETAIN, checked
                                    against the new grant, by `deliver` (PUBACK deletes
                                    the stored copy)
-      add_subscription             a granted SUBSCRIBE is stored before its SUBACK
+      add_subscription             a granted SUBSCRIBE is stored before its SUBACK, and
+                                   replaces the QoS of the same filter [MQTT-3.8.4-3]
       _handle_unsubscription       an UNSUBSCRIBE is stored before its UNSUBACK
       restore, forget_offline (new) a stored session back as an offline amqtt session;
                                    dropped at idle expiry
@@ -652,17 +653,31 @@ class _GatepassAmqtt(Broker):  # type: ignore[misc]
             await self._delete_session(client_id)
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        """A granted SUBSCRIBE of a persistent session is stored before its SUBACK."""
+        """A granted SUBSCRIBE of a persistent session is stored before its SUBACK.
+
+        Hole: amqtt 0.12.1 keeps the old QoS when a client subscribes again to a filter
+        it holds (and SUBACKs the new one); [MQTT-3.8.4-3] says the new subscription
+        replaces the old. A subscription held already at the same QoS is stored
+        already (a persistent session's table mirrors the store), so a device that
+        subscribes again on every reconnect costs no synced write."""
+        topic_filter = subscription[0]
+        before = self._held_qos(topic_filter, session)
         granted: int = await super().add_subscription(subscription, session)
-        if granted != AMQTT_MAGIC_VALUE_RET_SUBSCRIBED and not session.clean_session:
-            topic_filter = subscription[0]
-            held = next(
-                (qos for s, qos in self._subscriptions.get(topic_filter, []) if s is session),
-                granted,
-            )
-            kept = Subscription(topic_filter=topic_filter, qos=held)
+        if granted == AMQTT_MAGIC_VALUE_RET_SUBSCRIBED:
+            return granted
+        entries: list[tuple[Session, int]] = self._subscriptions.get(topic_filter, [])
+        for index, (held, _) in enumerate(entries):
+            if held is session:
+                entries[index] = (session, granted)
+        if not session.clean_session and granted != before:
+            kept = Subscription(topic_filter=topic_filter, qos=granted)
             self._owner.keep_subscription(session, kept)
         return granted
+
+    def _held_qos(self, topic_filter: str, session: Session) -> int | None:
+        return next(
+            (qos for s, qos in self._subscriptions.get(topic_filter, []) if s is session), None
+        )
 
     async def _handle_unsubscription(
         self, client_session: Session, handler: BrokerProtocolHandler, waiter: asyncio.Future[Any]

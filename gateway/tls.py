@@ -46,6 +46,9 @@ def server_context(
     ctx.set_ciphers(AEAD_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    # One TLS 1.3 ticket per handshake, not OpenSSL's two: an agent keeps only its last
+    # one (`agent.tls_resumption`), and each ticket costs an encryption and a record.
+    ctx.num_tickets = 1
     ctx.load_cert_chain(str(cert_file), str(key_file))
     # Only the device CA: load_verify_locations on a fresh context never adds system roots.
     ctx.load_verify_locations(cafile=str(client_ca_file))

@@ -83,6 +83,25 @@ async def test_allowed_publish_is_delivered(pki: MqttPki, broker: SecureBroker) 
     await stopped(sub, pub)
 
 
+async def test_hole_subscribing_again_replaces_the_qos(pki: MqttPki, broker: SecureBroker) -> None:
+    # Stock amqtt 0.12.1 SUBACKs the new QoS of a repeated SUBSCRIBE but keeps
+    # delivering at the old one; [MQTT-3.8.4-3]: the new subscription replaces it.
+    backend, dev = pki.device("backend"), pki.device("dev-1")
+    backend_acl = entries(("allow", "subscribe", "devices/+/telemetry"))
+    sub = await device_client(
+        pki, broker.port, backend, token=pki.token(backend, acl=backend_acl)
+    ).connected()
+    for qos in (1, 0):
+        mid = sub.subscribe("devices/+/telemetry", qos=qos)
+        await wait_until(lambda mid=mid: mid in sub.suback, what="SUBACK")  # type: ignore[misc]
+        assert sub.suback[mid] == [qos]
+    pub = await device_client(pki, broker.port, dev).connected()
+    pub.publish("devices/dev-1/telemetry", b"21.5", qos=1)
+    await wait_until(lambda: sub.payloads() == [b"21.5"], what="delivery")
+    assert [m[2] for m in sub.messages] == [0]
+    await stopped(sub, pub)
+
+
 async def test_other_devices_topics_are_refused(pki: MqttPki, broker: SecureBroker) -> None:
     a, b = pki.device("dev-a"), pki.device("dev-b")
     client_b = await device_client(pki, broker.port, b).connected()

@@ -519,3 +519,25 @@ async def test_unacknowledged_in_flight_messages_survive_a_gateway_sigkill(
         await stopped(second)
     finally:
         await broker.kill()
+
+
+async def test_subscribing_again_on_reconnect_writes_nothing(
+    pki: MqttPki, stored_broker: SecureBroker
+) -> None:
+    # Agents subscribe again on every reconnect (one per token): a synced write each
+    # time for a subscription already stored was a third of a reconnect's store cost.
+    store = stored_broker._store
+    assert store is not None
+    db = pki.directory / "mqtt-sessions.db"
+    backend = pki.device("backend")
+    for qos, writes in ((1, 1), (1, 0), (0, 1)):
+        sub = await backend_client(pki, stored_broker.port, backend).connected()
+        before = store.commits
+        mid = sub.subscribe("devices/+/telemetry", qos=qos)
+        await wait_until(lambda sub=sub, mid=mid: mid in sub.suback)  # type: ignore[misc]
+        assert store.commits - before == writes, f"SUBSCRIBE at QoS {qos}"
+        assert stored_rows(db, "SELECT topic_filter, qos FROM subscriptions") == [
+            ("devices/+/telemetry", qos)
+        ]
+        await stopped(sub)
+        await wait_until(lambda: is_offline(db, "backend"), what="subscriber offline in store")
