@@ -117,6 +117,7 @@ def _request(
     method: str, path: str, body: bytes | None, headers: dict[str, str]
 ) -> tuple[int, bytes]:
     """One request on a fresh TLS connection, closed afterwards (full handshake each)."""
+    assert _ctx is not None
     conn = OneWriteHTTPSConnection(*_address, context=_ctx, timeout=TIMEOUT_S)
     try:
         conn.request(method, path, body=body, headers={**headers, "Connection": "close"})

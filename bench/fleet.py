@@ -97,6 +97,7 @@ def run_size(
         },
         "latency_ms": report["latency_ms"],
         "errors": report["errors"],
+        "mqtt_tls": report["mqtt_tls"],
         "phases_s": report["phases_s"],
         "ok": report["ok"],
     }
@@ -112,7 +113,7 @@ def main() -> int:
         type=int,
         default=None,
         help="seconds (default: the gateway's 300); a fleet enrolled in one burst "
-        "refreshes in one burst two thirds of the way through",
+        "refreshes between 50 %% and 80 %% of the token's life",
     )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]

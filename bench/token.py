@@ -134,7 +134,7 @@ def _init_worker(tls: Tls) -> None:
 def _fresh_connections(job: tuple[str, int]) -> int:
     """`count` requests of one kind, each on a new mTLS connection closed afterwards."""
     kind, count = job
-    assert _tls is not None
+    assert _tls is not None and _ctx is not None
     request = REQUESTS[kind]
     for _ in range(count):
         conn = OneWriteHTTPSConnection(_tls.host, _tls.port, context=_ctx, timeout=TIMEOUT_S)

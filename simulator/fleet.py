@@ -230,6 +230,7 @@ class Fleet:
         return [vd for vd in self.devices if vd.connected_once]
 
     def _connected(self, vd: VirtualDevice, seconds: float) -> None:
+        self.metrics.mqtt_handshake(resumed=vd.require_agent().link.resumed)
         if self.phase == "connect":
             self.metrics.latency("connect", seconds)
         else:

@@ -2,8 +2,9 @@
 
 Owns: the mutable recorder every part of a run writes into (latencies in milliseconds
 by name, error counts by kind, attack attempts and refusals by kind, per-second
-throughput), stamped with seconds since the run's start. Must not: summarise or render
-(`simulator.stats` and `simulator.report` do).
+throughput, how many MQTT TLS handshakes resumed a session), stamped with seconds
+since the run's start. Must not: summarise or render (`simulator.stats` and
+`simulator.report` do).
 """
 
 from __future__ import annotations
@@ -46,12 +47,19 @@ class Metrics:
         self.attacks = AttackTally()
         self.timeline = Timeline()
         self.phases: dict[str, float] = {}
+        self.mqtt_tls: Counter[str] = Counter()
+        """MQTT connections of the fleet: "handshakes" and how many of them "resumed"."""
 
     def elapsed(self) -> float:
         return self._clock() - self.started
 
     def latency(self, kind: str, seconds: float) -> None:
         self.latencies.setdefault(kind, []).append(seconds * 1000.0)
+
+    def mqtt_handshake(self, *, resumed: bool) -> None:
+        self.mqtt_tls["handshakes"] += 1
+        if resumed:
+            self.mqtt_tls["resumed"] += 1
 
     def error(self, kind: str, n: int = 1) -> None:
         self.errors[kind] += n

@@ -68,6 +68,10 @@ def build_report(
         "messages": verdict.as_dict(),
         "latency_ms": {k: summarize(metrics.latencies.get(k, [])).as_dict() for k in kinds},
         "errors": dict(sorted(metrics.errors.items())),
+        "mqtt_tls": {
+            "handshakes": metrics.mqtt_tls["handshakes"],
+            "resumed": metrics.mqtt_tls["resumed"],
+        },
         "attacks": {
             "attempted": sum(attacks.attempted.values()),
             "refused": sum(attacks.refused.values()),

@@ -112,6 +112,11 @@ def test_churn_refreshes_and_reconnects_nothing_lost(tmp_path: Path) -> None:
     assert churn["token_lifetime_s"] == 6
     assert churn["token_refreshes"]["min"] >= 2
     assert churn["reconnects"]["min"] >= 2
+    # Every reconnect with a new token resumes the device's TLS session (the first
+    # connect of each device is a full handshake, and so is one after a failure).
+    tls = r["mqtt_tls"]
+    assert tls["handshakes"] >= 20 * 3
+    assert tls["resumed"] >= tls["handshakes"] - 20 - sum(r["errors"].values())
 
 
 @pytest.fixture
