@@ -1,7 +1,7 @@
 """One device's life: tokens, certificate renewal, the MQTT connection, telemetry.
 
-Owns: the supervisor that keeps a device connected with a fresh token (refresh at
-about two thirds of its life, then reconnect before it expires), renews the
+Owns: the supervisor that keeps a device connected with a fresh token (refresh at a
+random point in 50-80 % of its life, then reconnect before it expires), renews the
 certificate at about two thirds of its life, reconnects with jittered backoff after
 any failure, produces telemetry every `interval`, hands commands to a callback or a
 program, and reports its state in `DIR/status.json`. Many devices can share one event

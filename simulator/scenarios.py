@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 CHURN_TOKEN_LIFETIME_S = 6
-"""The gateway's minimum is 5 s; devices refresh at about two thirds of it."""
+"""The gateway's minimum is 5 s; devices refresh between 50 % and 80 % of it."""
 STORM_AT_FRACTION = 0.4
 STORM_RECONNECT_TIMEOUT_S = 30.0
 
