@@ -43,6 +43,7 @@ from typing import Any  # noqa: E402
 
 from rich.console import Console  # noqa: E402
 
+from gateway.eventloop import install_event_loop_policy  # noqa: E402
 from simulator.console import PhaseProgress  # noqa: E402
 from simulator.run import run_simulation  # noqa: E402
 from simulator.scenario import RunOptions  # noqa: E402
@@ -76,6 +77,7 @@ def run_size(
         delivery_timeout=30,
     )
     progress = PhaseProgress(Console(stderr=True))
+    install_event_loop_policy()  # as `gatepass-sim run` does
     result = asyncio.run(run_simulation(options, progress))
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     report = result.report

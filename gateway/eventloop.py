@@ -1,8 +1,10 @@
-"""The event loop `gatepass-gateway serve` runs on: uvloop when it is installed, else asyncio's.
+"""The event loop `gatepass-gateway serve` and `gatepass-sim run` run on: uvloop when it
+is installed, else asyncio's.
 
-Owns: the choice of event loop implementation for the gateway process, made once at
-start-up by installing an event loop policy (`install_event_loop_policy`), so that the
-`asyncio.run(...)` that follows runs on it.
+Owns: the choice of event loop implementation for the gateway and simulator processes,
+made once at start-up by installing an event loop policy (`install_event_loop_policy`),
+so that the `asyncio.run(...)` that follows runs on it. (The simulator's loop carries
+thousands of agents; asyncio's pure-Python timers and selector were a fifth of it.)
 Must not: create or run a loop, import the gateway's services, or be called by the
 agent or by libraries (the agent runs inside its host program's loop, which is not
 ours to choose).

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from gateway.eventloop import install_event_loop_policy
 from shared.errors import GatepassError
 from simulator.console import PhaseProgress
 from simulator.gateway_process import GatewayError
@@ -48,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.width = max(console.width, 120)
     # SIGTERM unwinds like Ctrl-C, so the embedded gateway is stopped, never orphaned.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    install_event_loop_policy()  # thousands of agents in one loop: uvloop's is cheaper
     try:
         result = asyncio.run(run_simulation(options, PhaseProgress(console)))
     except (GatewayError, GatepassError) as exc:

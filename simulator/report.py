@@ -11,6 +11,7 @@ Must not: run anything or render HTML (`simulator.html`).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import resource
@@ -118,6 +119,7 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
+        "event_loop": type(asyncio.get_event_loop_policy()).__module__.split(".")[0],
     }
 
 
