@@ -35,7 +35,36 @@ PROG = "gatepass-gateway"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(PROG, _parser().parse_args(argv), database="registry")
+    args = list(sys.argv[1:] if argv is None else argv)
+    return run_command(PROG, _parser().parse_args(kid_as_operand(args)), database="registry")
+
+
+_RETIRE_FLAGS = frozenset({"--now", "--json", "-h", "--help"})
+
+
+def kid_as_operand(argv: list[str]) -> list[str]:
+    """Move a KID that starts with '-' behind '--' in `keys retire`, so argparse takes it.
+
+    A kid is a base64url thumbprint: one in 64 starts with '-', and people paste it as
+    `keys list` printed it. Anything else after `retire` that looks like an option and is
+    not one of its flags is that KID.
+    """
+    if argv[:2] != ["keys", "retire"] or "--" in argv:
+        return argv
+    kept: list[str] = []
+    kids: list[str] = []
+    rest = iter(argv[2:])
+    for arg in rest:
+        if arg == "--dir":
+            kept.append(arg)
+            value = next(rest, None)
+            if value is not None:
+                kept.append(value)
+        elif arg.startswith("-") and arg not in _RETIRE_FLAGS and not arg.startswith("--dir="):
+            kids.append(arg)
+        else:
+            kept.append(arg)
+    return [*argv[:2], *kept, *(["--", *kids] if kids else [])]
 
 
 def _fail(message: str) -> int:
