@@ -84,7 +84,9 @@ amqtt's MESSAGE_RECEIVED / MESSAGE_BROADCAST plugin events are not fired for QoS
 (this broker runs no amqtt plugins).
 
 Limits and overflow policy (`BrokerLimits`): packets over `max_packet_size` close the
-connection; connections beyond `max_connections` or faster than `connect_rate` get
+connection, and so does any packet after CONNECT that breaks MQTT 3.1.1's encoding rules
+(`gateway.mqtt_packets`: wildcards in a PUBLISH topic, QoS 3, reserved flags, packet id 0,
+bad UTF-8, an empty SUBSCRIBE, a second CONNECT...), before amqtt parses it; connections beyond `max_connections` or faster than `connect_rate` get
 CONNACK 3; at most `max_incoming_queue` PUBLISHes of one session are being handed off
 at once (QoS 0 beyond it is dropped and counted, QoS 1 waits, so PUBACK is delayed:
 back-pressure); a persistent session's offline queue holds `max_offline_queue`
@@ -122,6 +124,7 @@ from prometheus_client import CollectorRegistry
 from transitions import MachineError
 
 from gateway.mqtt_metrics import MqttMetrics
+from gateway.mqtt_packets import protocol_violation
 from gateway.mqtt_policy import (
     CLOSE_POLICY,
     CONNACK_NOT_AUTHORIZED,
@@ -244,7 +247,12 @@ class _PacketTooLarge(Exception):
 
 
 class _FramedReader(ReaderAdapter):  # type: ignore[misc]
-    """Reads whole MQTT packets (bounded in size) and serves amqtt's small reads from them."""
+    """Reads whole MQTT packets (bounded in size) and serves amqtt's small reads from them.
+
+    Every packet amqtt reads (all but the CONNECT, which `SecureBroker` reads itself)
+    must be well-formed (`gateway.mqtt_packets`); the first that is not ends the stream
+    there, and `violation` says why.
+    """
 
     def __init__(self, reader: asyncio.StreamReader, max_packet_size: int) -> None:
         self._reader = reader
@@ -252,6 +260,7 @@ class _FramedReader(ReaderAdapter):  # type: ignore[misc]
         self._buf = b""
         self._pos = 0
         self.oversize = False
+        self.violation: str | None = None
 
     async def read_packet(self) -> bytes | None:
         """The next whole packet, or None at EOF, on error or when it is too large."""
@@ -261,6 +270,7 @@ class _FramedReader(ReaderAdapter):  # type: ignore[misc]
             length, multiplier, byte = header[1] & 0x7F, 128, header[1]
             while byte & 0x80:
                 if len(header) > _MAX_LENGTH_BYTES:
+                    self.violation = "remaining length longer than four bytes"
                     return None
                 byte = (await reader.readexactly(1))[0]
                 header.append(byte)
@@ -282,6 +292,9 @@ class _FramedReader(ReaderAdapter):  # type: ignore[misc]
             if self._pos >= len(self._buf):
                 packet = await self.read_packet()
                 if packet is None:
+                    return out
+                self.violation = protocol_violation(packet)
+                if self.violation is not None:
                     return out
                 self._buf, self._pos = packet, 0
             end = len(self._buf) if n < 0 else self._pos + n - len(out)
@@ -1157,6 +1170,9 @@ class SecureBroker:
         finally:
             if framed.oversize:
                 connection.close(CloseReason.oversize_packet)
+            elif framed.violation is not None:
+                _log.info("MQTT protocol violation by %s: %s", state.client_id, framed.violation)
+                connection.close(CloseReason.protocol_violation)
             self._index.remove(connection.conn_id)
             del self._connections[connection.conn_id]
             self.metrics.live_sessions.dec()

@@ -275,6 +275,7 @@ class CloseReason(StrEnum):
     acl_violation = "acl_violation"
     keepalive = "keepalive"
     oversize_packet = "oversize_packet"
+    protocol_violation = "protocol_violation"
     takeover = "takeover"
     shutdown = "shutdown"
 
@@ -296,6 +297,7 @@ CLOSE_POLICY: Final[dict[CloseReason, CloseEffect]] = {
     CloseReason.acl_violation: CloseEffect(publish_will=True),
     CloseReason.keepalive: CloseEffect(publish_will=True),
     CloseReason.oversize_packet: CloseEffect(publish_will=True),
+    CloseReason.protocol_violation: CloseEffect(publish_will=True),
     CloseReason.takeover: CloseEffect(publish_will=True),
 }
 
