@@ -48,6 +48,7 @@ class GatewaySettings(BaseSettings):
     mqtt_offline_queue: int = Field(default=1000, ge=1, le=10_000_000)
     max_request_body: int = Field(default=16384, ge=1024)
     http_idle_timeout: float = Field(default=30.0, ge=1.0, le=600.0)
+    tls_handshake_timeout: float = Field(default=10.0, ge=1.0, le=120.0)
     registry_poll_ms: int = Field(default=200, ge=20, le=5000)
     gc_full_interval: float = Field(default=300.0, ge=0.0, le=86400.0)
 
@@ -145,7 +146,8 @@ require_client_cert = true
 deny_action = "disconnect"
 # MQTT: largest packet accepted, in bytes.
 max_packet_size = 262144
-# MQTT: most simultaneous connections.
+# MQTT: most simultaneous connections. At start the gateway raises its soft open-file
+# limit to this plus 1024; the hard limit must allow it (systemd LimitNOFILE=).
 max_connections = 20000
 # MQTT: QoS 1 messages kept for a persistent session while its client is offline
 # (reconnecting for a new token, say); beyond that the oldest are dropped and counted.
@@ -157,6 +159,9 @@ max_request_body = 16384
 # HTTPS: a connection that sends no complete request for this many seconds is closed
 # (idle keep-alive, slow or unfinished headers).
 http_idle_timeout = 30.0
+# Both listeners: a connection whose TLS handshake has not finished after this many
+# seconds is dropped (a client that connects and sends nothing holds a descriptor).
+tls_handshake_timeout = 10.0
 # How often (milliseconds) the running gateway looks for registry changes made by the CLI.
 registry_poll_ms = 200
 # Seconds between full garbage collections of the gateway process (sooner if it grew by

@@ -86,11 +86,11 @@ amqtt's MESSAGE_RECEIVED / MESSAGE_BROADCAST plugin events are not fired for QoS
 Limits and overflow policy (`BrokerLimits`): packets over `max_packet_size` close the
 connection, and so does any packet after CONNECT that breaks MQTT 3.1.1's encoding rules
 (`gateway.mqtt_packets`: wildcards in a PUBLISH topic, QoS 3, reserved flags, packet id 0,
-bad UTF-8, an empty SUBSCRIBE, a second CONNECT...), before amqtt parses it; connections beyond `max_connections` or faster than `connect_rate` get
-CONNACK 3; at most `max_incoming_queue` PUBLISHes of one session are being handed off
-at once (QoS 0 beyond it is dropped and counted, QoS 1 waits, so PUBACK is delayed:
-back-pressure); a persistent session's offline queue holds `max_offline_queue`
-(oldest dropped, counted).
+bad UTF-8, an empty SUBSCRIBE, a second CONNECT...), before amqtt parses it;
+connections beyond `max_connections` or faster than `connect_rate` get CONNACK 3; at
+most `max_incoming_queue` PUBLISHes of one session are being handed off at once (QoS 0
+beyond it is dropped and counted, QoS 1 waits, so PUBACK is delayed: back-pressure); a
+persistent session's offline queue holds `max_offline_queue` (oldest dropped, counted).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from aiohttp import web
 from gateway.http_api import build_app
 from gateway.mqtt_broker import BrokerLimits, SecureBroker
 from gateway.mqtt_sessions import SessionStore
+from gateway.open_files import raise_open_file_limit
 from gateway.runtime import Gateway, Snapshot
 from gateway.tls import server_context
 from shared.gc_policy import FullCollectionPolicy, run_collector
@@ -47,6 +49,9 @@ async def run_gateway(
     gateway = Gateway.open(root)
     settings = gateway.settings
     state = gateway.state
+    files = raise_open_file_limit(settings.max_connections)
+    if files.warning:
+        log.warning("%s", files.warning)
     https_ctx = server_context(state.server_cert, state.server_key, state.ca_cert)
     mqtt_ctx = server_context(
         state.server_cert,
@@ -71,8 +76,13 @@ async def run_gateway(
     try:
         sessions = SessionStore.open(state.mqtt_sessions)
         port = settings.https_port if https_port is None else https_port
-        site = web.TCPSite(
-            runner, settings.bind, port, ssl_context=https_ctx, backlog=LISTEN_BACKLOG
+        site = _HttpsSite(
+            runner,
+            settings.bind,
+            port,
+            ssl_context=https_ctx,
+            backlog=LISTEN_BACKLOG,
+            handshake_timeout=settings.tls_handshake_timeout,
         )
         await site.start()
         bound_https = int(runner.addresses[0][1])
@@ -86,6 +96,7 @@ async def run_gateway(
                 max_packet_size=settings.max_packet_size,
                 max_connections=settings.max_connections,
                 max_offline_queue=settings.mqtt_offline_queue,
+                tls_handshake_timeout=settings.tls_handshake_timeout,
                 backlog=LISTEN_BACKLOG,
             ),
             deny_action=settings.deny_action,
@@ -116,6 +127,40 @@ async def run_gateway(
             collector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await collector
+
+
+class _HttpsSite(web.TCPSite):
+    """aiohttp's TCP site, except that a TLS handshake must finish within
+    `handshake_timeout` (asyncio's default is 60 s: a client that connects and sends
+    nothing would hold a descriptor that long, before any HTTP timeout applies)."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext,
+        backlog: int,
+        handshake_timeout: float,
+    ) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context, backlog=backlog)
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        """`TCPSite.start` (aiohttp 3.14) with `ssl_handshake_timeout` added."""
+        self._runner._reg_site(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            ssl_handshake_timeout=self._handshake_timeout,
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1]
 
 
 def _push_to_broker(mqtt: SecureBroker, old: Snapshot, new: Snapshot) -> None:
