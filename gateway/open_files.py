@@ -1,4 +1,5 @@
-"""The gateway process's open-file limit, raised at start to fit its connections.
+"""A process's open-file limit, raised at start to fit its connections (the gateway's
+`serve`, and the simulator, which holds a socket per virtual device).
 
 Owns: `open_file_budget` (pure: from the current soft and hard limits and the
 connections the settings allow, the soft limit to set and a warning when even the hard
@@ -37,8 +38,9 @@ def open_file_budget(soft: int, hard: int, max_connections: int) -> OpenFileBudg
     warning = None
     if short:
         warning = (
-            f"open-file limit {hard} is below max_connections + {RESERVED_FILES} "
-            f"({wanted}): raise it (systemd LimitNOFILE=, ulimit -Hn) or lower max_connections"
+            f"open-file limit {hard} is below {max_connections} connections + "
+            f"{RESERVED_FILES} ({wanted}): raise it (systemd LimitNOFILE=, ulimit -Hn) "
+            "or allow fewer connections"
         )
     return OpenFileBudget(soft if keep else target, warning)
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from agent.enrollment import enroll
 from gateway.config import GatewaySettings
+from gateway.open_files import raise_open_file_limit
 from shared.acl import rules_from_cli
 from shared.gc_policy import FullCollectionPolicy, run_collector
 from simulator.console import PhaseProgress
@@ -69,6 +70,10 @@ async def run_simulation(options: RunOptions, progress: PhaseProgress) -> RunRes
     # Thousands of devices' objects make each of Python's own full collections stop the
     # loop for a third of a second: that would show up as the simulated fleet's latency.
     collector = asyncio.create_task(run_collector(FullCollectionPolicy()), name="gc-schedule")
+    # A socket per device; the embedded gateway inherits this and raises its own further.
+    files = raise_open_file_limit(options.devices)
+    if files.warning:
+        progress.say(files.warning)
     try:
         async with _workspace(options) as run_dir, _gateway(options, scenario, run_dir) as gw:
             endpoints = gw.require_endpoints()
