@@ -129,13 +129,17 @@ def init_gateway(root: Path, *config_lines: str) -> Path:
 
 
 def start_gateway(
-    root: Path, env: dict[str, str] | None = None, https_port: int = 0, mqtt_port: int = 0
+    root: Path,
+    env: dict[str, str] | None = None,
+    https_port: int = 0,
+    mqtt_port: int = 0,
+    log_level: str = "INFO",
 ) -> GatewayProcess:
     endpoints = root / "run" / "endpoints.json"
     endpoints.unlink(missing_ok=True)
     log_path = root / f"serve-{time.monotonic_ns()}.log"
     with log_path.open("wb") as log:  # the child keeps its own descriptor
-        proc = _popen_gateway(root, log, env, https_port, mqtt_port)
+        proc = _popen_gateway(root, log, env, https_port, mqtt_port, log_level)
 
     def ready() -> dict[str, Any] | None:
         if proc.poll() is not None:
@@ -151,7 +155,12 @@ def start_gateway(
 
 
 def _popen_gateway(
-    root: Path, log: Any, env: dict[str, str] | None, https_port: int, mqtt_port: int
+    root: Path,
+    log: Any,
+    env: dict[str, str] | None,
+    https_port: int,
+    mqtt_port: int,
+    log_level: str = "INFO",
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
@@ -163,6 +172,8 @@ def _popen_gateway(
             str(https_port),
             "--mqtt-port",
             str(mqtt_port),
+            "--log-level",
+            log_level,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
