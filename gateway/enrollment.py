@@ -20,7 +20,7 @@ from gateway.authority import issue_device_certificate
 from gateway.config import GatewaySettings
 from gateway.csr_policy import check_csr, parse_est_body, spki_sha256
 from gateway.enrollment_secrets import verify_secret
-from gateway.errors import ClientError, Forbidden, RegistryError, Unauthorized
+from gateway.errors import ClientError, Forbidden, RegistryError, TooManyRequests, Unauthorized
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
 from gateway.registry import Registry
@@ -151,6 +151,10 @@ class EnrollmentService:
             if device_id:
                 self._failures_by_device.charge(device_id, now)
         self._metrics.enrollments.labels(kind=kind, outcome=f"refused_{exc.status}").inc()
+        if isinstance(exc, TooManyRequests):
+            # Counted, not audited: a client held to the rate limit would otherwise buy a
+            # synced registry write, and a row on disk, with every request it sends.
+            return
         self._registry.audit(
             kind, "refused", now, device_id=device_id, source=source, detail=exc.cause
         )

@@ -379,9 +379,18 @@ def test_failed_secrets_are_rate_limited_and_counted(tmp_path: Path) -> None:
         # Even the right secret waits until the bucket refills: nothing is stored.
         assert enroll(gw, "dev-brute", secret, csr)[0] == 429
         assert device_state(gw, "dev-brute") == ("registered", 0)
+        for i in range(5):  # held to the limit: counted, but no longer written to disk
+            assert enroll(gw, "dev-brute", f"more-{i}", csr)[0] == 429
+        with sqlite3.connect(gw.root / "gateway.db") as db:
+            audited = db.execute(
+                "SELECT outcome, detail FROM audit WHERE device_id = ? AND event = 'enroll'",
+                ("dev-brute",),
+            ).fetchall()
+        assert audited == [("refused", "wrong secret")] * 3
         _, metrics, _ = curl(gw, "/metrics")
         text = metrics.decode()
         assert 'gatepass_enrollments_total{kind="enroll",outcome="refused_401"} 3.0' in text
+        assert 'gatepass_enrollments_total{kind="enroll",outcome="refused_429"} 8.0' in text
         assert "gatepass_http_request_seconds_bucket" in text
 
 
