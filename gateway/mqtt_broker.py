@@ -171,6 +171,8 @@ TAKEOVER_WAIT_SECONDS: Final = 5.0
 _STATE_KEY: Final = "gatepass.session"
 _ROWS_KEY: Final = "gatepass.stored_rows"
 """session.attributes: packet id -> store row of an in-flight message that is on disk."""
+_FLOOD_REFUSALS: Final = frozenset((RefusalReason.rate_limited, RefusalReason.too_many_connections))
+"""Refusals that are counted but not logged: each would come with thousands more."""
 SESSION_SWEEP_SECONDS: Final = 60.0
 """How often offline sessions past their idle expiry are forgotten (with a store)."""
 _NOISY_LOGGERS: Final = ("amqtt", "transitions")
@@ -1107,6 +1109,14 @@ class SecureBroker:
             state = self._admit(connect, writer)
         except ConnectRefused as exc:
             self.metrics.connects.labels(outcome="refused", reason=exc.reason.value).inc()
+            if exc.reason not in _FLOOD_REFUSALS:
+                peer = tls_writer.get_peer_info()
+                _log.info(
+                    "CONNECT refused: client id %r from %s: %s",
+                    connect.client_id,
+                    peer[0] if peer else "unknown",
+                    exc,
+                )
             await self._connack(tls_writer, exc.return_code)
             return
         await self._take_over(state.client_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -19,7 +20,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway.config import GatewaySettings
-from gateway.errors import ClientError, OAuthError
+from gateway.errors import ClientError, OAuthError, TooManyRequests
 from gateway.keyring import KeyRing
 from gateway.metrics import GatewayMetrics
 from gateway.rabbitmq import token_claims as rabbitmq_token_claims
@@ -39,6 +40,7 @@ __all__ = [
     "inspect_client_certificate",
 ]
 
+log = logging.getLogger("gatepass.tokens")
 
 _JWS_CHARACTERS = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -185,6 +187,8 @@ class TokenService:
         if isinstance(exc, OAuthError) and exc.error == "invalid_client":
             self._failures_by_source.charge(source, now)
         self._metrics.tokens_refused.labels(reason=reason).inc()
+        if not isinstance(exc, TooManyRequests):  # a flood is counted, not logged
+            log.info("token refused to %s: %s (%s)", source, reason, exc.cause)
 
 
 def _client_certificate(peer_der: bytes | None, now: float) -> ClientCertificate:

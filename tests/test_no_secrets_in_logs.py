@@ -79,6 +79,7 @@ def test_nothing_secret_in_any_log(tmp_path: Path) -> None:
         "audit log": _audit_log(root / "gateway.db"),
     }
     assert "refused|wrong secret" in logs["audit log"]  # the refusal is told, not its secret
+    assert "CONNECT refused: client id 'leak-1'" in logs["gateway log"]  # and the bad token
     secrets = {
         "enrollment secret": secret.removeprefix("gpe_"),
         "wrong secret": wrong.removeprefix("gpe_"),
