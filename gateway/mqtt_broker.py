@@ -1112,10 +1112,11 @@ class SecureBroker:
             if exc.reason not in _FLOOD_REFUSALS:
                 peer = tls_writer.get_peer_info()
                 _log.info(
-                    "CONNECT refused: client id %r from %s: %s",
+                    "CONNECT refused: client id %r from %s: %s %r",
                     connect.client_id,
                     peer[0] if peer else "unknown",
-                    exc,
+                    exc.reason.value,
+                    exc.cause,  # repr: the cause may quote what the client sent
                 )
             await self._connack(tls_writer, exc.return_code)
             return

@@ -188,7 +188,7 @@ class TokenService:
             self._failures_by_source.charge(source, now)
         self._metrics.tokens_refused.labels(reason=reason).inc()
         if not isinstance(exc, TooManyRequests):  # a flood is counted, not logged
-            log.info("token refused to %s: %s (%s)", source, reason, exc.cause)
+            log.info("token refused to %s: %s %r", source, reason, exc.cause)
 
 
 def _client_certificate(peer_der: bytes | None, now: float) -> ClientCertificate:
