@@ -13,7 +13,6 @@ import shutil
 import ssl
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -28,17 +27,11 @@ from tests.helpers_mqtt import (
     MqttPki,
     device_client,
     entries,
-    make_pki,
     wait_until,
 )
 
 AMQTT_RESEND_LIMIT_S = 10.0
 """amqtt 0.12.1 `ProtocolHandler._retry_deliveries`: each resend's `wait_for`."""
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> MqttPki:
-    return make_pki(tmp_path)
 
 
 @pytest.fixture

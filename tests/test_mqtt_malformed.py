@@ -14,7 +14,6 @@ import ssl
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -27,7 +26,6 @@ from tests.helpers_mqtt import (
     MqttPki,
     device_client,
     entries,
-    make_pki,
     wait_until,
 )
 from tests.mqtt_wire import connect, packet, publish, subscribe, utf8
@@ -87,11 +85,6 @@ class RawClient:
 
 
 # -- fixtures -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> MqttPki:
-    return make_pki(tmp_path)
 
 
 @pytest.fixture

@@ -41,7 +41,6 @@ from tests.helpers_mqtt import (
     MqttPki,
     device_client,
     entries,
-    make_pki,
     wait_until,
 )
 
@@ -250,11 +249,6 @@ def test_unusable_files_raise_session_store_error(tmp_path: Path) -> None:
 
 
 # -- the broker with a store ---------------------------------------------------------
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> MqttPki:
-    return make_pki(tmp_path)
 
 
 def backend_client(
