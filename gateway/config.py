@@ -46,6 +46,7 @@ class GatewaySettings(BaseSettings):
     max_packet_size: int = Field(default=262144, ge=1024, le=268435455)
     max_connections: int = Field(default=20000, ge=1)
     mqtt_offline_queue: int = Field(default=1000, ge=1, le=10_000_000)
+    mqtt_slow_subscriber_timeout: float = Field(default=10.0, ge=0.1, le=3600.0)
     max_request_body: int = Field(default=16384, ge=1024)
     http_idle_timeout: float = Field(default=30.0, ge=1.0, le=600.0)
     tls_handshake_timeout: float = Field(default=10.0, ge=1.0, le=120.0)
@@ -153,6 +154,10 @@ max_connections = 20000
 # (reconnecting for a new token, say); beyond that the oldest are dropped and counted.
 # A subscriber that takes a whole fleet's traffic needs rate x longest outage.
 mqtt_offline_queue = 1000
+# MQTT: a subscriber that takes nothing for this many seconds while messages wait for
+# it is disconnected (its QoS 1 messages stay with its session); until then its
+# publishers' PUBACKs wait for it (back-pressure, never a dropped message).
+mqtt_slow_subscriber_timeout = 10.0
 
 # HTTPS: largest request body accepted, in bytes (CSRs, token requests).
 max_request_body = 16384

@@ -78,7 +78,8 @@ delivery writes nothing per message. What is still NOT durable:
   * bytes written but not yet taken by the kernel: when a subscriber lags, up to its
     transport's write-buffer high-water mark (64 KiB by default) may be in process
     memory when the PUBACK goes out (the hand-off drains each transport below that
-    mark first, so a slow subscriber slows its publishers: back-pressure);
+    mark first, so a slow subscriber slows its publishers: back-pressure, for at most
+    `slow_subscriber_timeout`, after which that subscriber is disconnected);
   * QoS 2 PUBLISHes keep amqtt's own flow (no device uses QoS 2).
 amqtt's MESSAGE_RECEIVED / MESSAGE_BROADCAST plugin events are not fired for QoS 0/1
 (this broker runs no amqtt plugins).
@@ -193,12 +194,15 @@ class BrokerLimits:
     backlog: int = 4096
     max_incoming_queue: int = 1_000
     max_offline_queue: int = 1_000
+    slow_subscriber_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if min(self.max_packet_size, self.max_connections, self.backlog) < 1:
             raise ValueError("limits must be positive")
         if min(self.max_incoming_queue, self.max_offline_queue) < 1:
             raise ValueError("queue bounds must be positive")
+        if not self.slow_subscriber_timeout > 0:
+            raise ValueError("slow_subscriber_timeout must be positive")
 
 
 T = TypeVar("T")
@@ -875,8 +879,20 @@ class _GatepassAmqtt(Broker):  # type: ignore[misc]
         if retain:
             await self.retain_message(source, topic, data, qos)
         for writer in writers:
-            with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await self._drain(writer)
+
+    async def _drain(self, writer: _TlsWriter) -> None:
+        """Wait until `writer` takes more; a subscriber that stays full for
+        `slow_subscriber_timeout` is closed, so that it cannot hold its publishers'
+        PUBACKs for ever (its QoS 1 messages in flight stay with its session)."""
+        try:
+            async with asyncio.timeout(self._owner.limits.slow_subscriber_timeout):
                 await writer.drain()
+        except TimeoutError:
+            if writer.connection is not None:
+                writer.connection.close(CloseReason.slow_subscriber)
+        except (ConnectionError, ssl.SSLError):
+            pass
 
     def _targets(self, topic: str, qos: int) -> list[tuple[Session, int]]:
         """(session, delivery QoS) for every subscription matching `topic` that may receive it."""

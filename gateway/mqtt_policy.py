@@ -276,6 +276,7 @@ class CloseReason(StrEnum):
     keepalive = "keepalive"
     oversize_packet = "oversize_packet"
     protocol_violation = "protocol_violation"
+    slow_subscriber = "slow_subscriber"
     takeover = "takeover"
     shutdown = "shutdown"
 
@@ -298,6 +299,7 @@ CLOSE_POLICY: Final[dict[CloseReason, CloseEffect]] = {
     CloseReason.keepalive: CloseEffect(publish_will=True),
     CloseReason.oversize_packet: CloseEffect(publish_will=True),
     CloseReason.protocol_violation: CloseEffect(publish_will=True),
+    CloseReason.slow_subscriber: CloseEffect(publish_will=True),
     CloseReason.takeover: CloseEffect(publish_will=True),
 }
 

@@ -96,6 +96,7 @@ async def run_gateway(
                 max_packet_size=settings.max_packet_size,
                 max_connections=settings.max_connections,
                 max_offline_queue=settings.mqtt_offline_queue,
+                slow_subscriber_timeout=settings.mqtt_slow_subscriber_timeout,
                 tls_handshake_timeout=settings.tls_handshake_timeout,
                 backlog=LISTEN_BACKLOG,
             ),

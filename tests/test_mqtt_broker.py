@@ -29,6 +29,7 @@ from tests.helpers_mqtt import (
     entries,
     wait_until,
 )
+from tests.mqtt_wire import RawClient, subscribe
 
 AMQTT_RESEND_LIMIT_S = 10.0
 """amqtt 0.12.1 `ProtocolHandler._retry_deliveries`: each resend's `wait_for`."""
@@ -512,6 +513,39 @@ def test_ssl_context_type(pki: MqttPki) -> None:
     ctx = pki.server_context()
     assert isinstance(ctx, ssl.SSLContext)
     assert ctx.verify_mode == ssl.CERT_REQUIRED
+
+
+async def test_hole_a_subscriber_that_stops_reading_is_closed(pki: MqttPki) -> None:
+    # The hand-off drained every matching subscriber's transport before the PUBACK, with
+    # no bound: one subscriber that stopped reading (broken, or hostile with a wide
+    # filter) held every matching publisher's PUBACK for ever. Now it is closed after
+    # `slow_subscriber_timeout`; what it had in flight stays with its session.
+    limits = BrokerLimits(slow_subscriber_timeout=1.0)
+    async with SecureBroker(
+        ssl_context=pki.server_context(), verifier=pki.verifier(), port=0, limits=limits
+    ) as broker:
+        acl = entries(("allow", "subscribe", "devices/+/telemetry"))
+        stuck_dev, good_dev = pki.device("stuck"), pki.device("backend")
+        stuck = await RawClient.connected(
+            pki, broker.port, stuck_dev, token=pki.token(stuck_dev, acl=acl), keepalive=0
+        )  # no keep-alive: alive for as long as it likes
+        await stuck.send(subscribe([("devices/+/telemetry", 1)]))
+        suback = await asyncio.wait_for(stuck.reader.readexactly(5), 5)
+        assert suback == b"\x90\x03\x00\x07\x01"  # and from now on it reads nothing
+        good = await device_client(
+            pki, broker.port, good_dev, token=pki.token(good_dev, acl=acl)
+        ).connected()
+        mid = good.subscribe("devices/+/telemetry", qos=1)
+        await wait_until(lambda: mid in good.suback, what="SUBACK")
+        pub = await device_client(pki, broker.port, pki.device("dev-1")).connected()
+        # 24 MiB: more than the kernel's socket buffers and TLS buffers between the two.
+        mids = [pub.publish("devices/dev-1/telemetry", b"x" * 65536, qos=1) for _ in range(384)]
+        await wait_until(lambda: set(mids) <= pub.acked, timeout=60, what="every PUBACK")
+        await wait_until(lambda: len(good.messages) == len(mids), timeout=30, what="delivery")
+        assert metric(broker, "gatepass_mqtt_sessions_closed_total", reason="slow_subscriber") == 1
+        assert broker.live_sessions == 2
+        stuck.writer.close()
+        await stopped(good, pub)
 
 
 async def test_takeover_closes_the_older_connection(pki: MqttPki, broker: SecureBroker) -> None:

@@ -8,80 +8,24 @@ are written by hand (`RawClient`): no MQTT library would send them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import ssl
 import struct
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.mqtt_broker import BrokerLimits, SecureBroker
-from gateway.tls import client_context
 from tests.helpers_mqtt import (
-    Device,
     MqttClient,
     MqttPki,
     device_client,
     entries,
     wait_until,
 )
-from tests.mqtt_wire import connect, packet, publish, subscribe, utf8
+from tests.mqtt_wire import RawClient, connect, packet, publish, subscribe, utf8
 
-CLOSE_DEADLINE_S = 5.0
-CONNACK_ACCEPTED = b"\x20\x02\x00\x00"
 TOPIC = "devices/dev-1/telemetry"
-
-
-# -- a raw client -----------------------------------------------------------------------
-
-
-@dataclass
-class RawClient:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-
-    @classmethod
-    async def open(cls, pki: MqttPki, port: int, device: Device) -> RawClient:
-        context = client_context(pki.ca_file, device.cert_file, device.key_file)
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=context, server_hostname="localhost"
-        )
-        return cls(reader, writer)
-
-    @classmethod
-    async def connected(cls, pki: MqttPki, port: int, device: Device) -> RawClient:
-        client = await cls.open(pki, port, device)
-        token = pki.token(device)
-        client.writer.write(connect(device.device_id, device.device_id, token))
-        await client.writer.drain()
-        reply = await asyncio.wait_for(client.reader.readexactly(4), CLOSE_DEADLINE_S)
-        assert reply == CONNACK_ACCEPTED
-        return client
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await self.writer.drain()
-
-    async def until_closed(self) -> bytes:
-        """Everything the broker sent until it closed the connection (fails if it never does)."""
-        received = bytearray()
-        async with asyncio.timeout(CLOSE_DEADLINE_S):
-            while True:
-                try:
-                    chunk = await self.reader.read(4096)
-                except (ConnectionError, ssl.SSLError):
-                    break
-                if not chunk:
-                    break
-                received += chunk
-        self.writer.close()
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await self.writer.wait_closed()
-        return bytes(received)
 
 
 # -- fixtures -------------------------------------------------------------------------
