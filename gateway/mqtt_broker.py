@@ -450,6 +450,10 @@ class _GatepassHandler(BrokerProtocolHandler):  # type: ignore[misc]
         if qos == QOS_1 and packet_id is not None:
             await self._send_packet(PubackPacket.build(packet_id))
 
+    def can_deliver(self) -> bool:
+        """Whether `deliver` would write now (the session has a connection)."""
+        return self.session is not None and isinstance(self.writer, _TlsWriter)
+
     def deliver(
         self, topic: str, data: bytes | bytearray, qos: int, row: int | None = None
     ) -> _TlsWriter | None:
@@ -460,7 +464,7 @@ class _GatepassHandler(BrokerProtocolHandler):  # type: ignore[misc]
         Returns the writer to drain (back-pressure), or None if there is no connection.
         """
         session, writer = self.session, self.writer
-        if session is None or not isinstance(writer, _TlsWriter):
+        if session is None or not isinstance(writer, _TlsWriter):  # see can_deliver
             return None
         packet_id = session.next_packet_id if qos else None
         message = OutgoingApplicationMessage(packet_id, topic, qos, data, False)
@@ -839,7 +843,9 @@ class _GatepassAmqtt(Broker):  # type: ignore[misc]
         if not isinstance(handler, _GatepassHandler) or state is None:
             return
         queue: asyncio.Queue[_Queued] = session.retained_messages
-        while not queue.empty():
+        # Stop while the rest is still in order when the connection goes (re-queueing an
+        # item at the back would reorder it behind later messages).
+        while not queue.empty() and handler.can_deliver():
             item = queue.get_nowait()
             try:
                 check_receive(state, item.topic)
@@ -848,11 +854,8 @@ class _GatepassAmqtt(Broker):  # type: ignore[misc]
                 self._owner.delivered(item.row)
                 continue
             writer = handler.deliver(item.topic, item.data, min(item.qos, QOS_1), item.row)
-            if writer is None:
-                self._enqueue(session, item)
-                return
-            with contextlib.suppress(ConnectionError, ssl.SSLError):
-                await writer.drain()
+            assert writer is not None  # can_deliver() said so, and nothing was awaited since
+            await self._drain(writer)
 
     async def hand_off(
         self, source: Session, topic: str, data: bytes | bytearray, qos: int, retain: bool

@@ -244,6 +244,11 @@ class MqttClient:
 
     # test-side API
     def start(self) -> MqttClient:
+        # paho writes a packet from the calling thread when it believes no thread runs
+        # its loop: publish() from the test's thread then wrote concurrently with this
+        # one (packets reordered, now and then a corrupted TLS stream or an abort). Tell
+        # paho that this thread runs the loop, as loop_start() would.
+        self.client._thread = self._thread
         self._thread.start()
         return self
 
