@@ -12,10 +12,8 @@ import asyncio
 import shutil
 import ssl
 import time
-from collections.abc import AsyncIterator
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from gateway.mqtt_broker import BrokerLimits, SecureBroker
 from shared.keyset import KeySet, SigningKey
@@ -33,17 +31,6 @@ from tests.mqtt_wire import RawClient, subscribe
 
 AMQTT_RESEND_LIMIT_S = 10.0
 """amqtt 0.12.1 `ProtocolHandler._retry_deliveries`: each resend's `wait_for`."""
-
-
-@pytest.fixture
-async def broker(pki: MqttPki) -> AsyncIterator[SecureBroker]:
-    async with SecureBroker(
-        ssl_context=pki.server_context(),
-        verifier=pki.verifier(),
-        port=0,
-        registry=CollectorRegistry(),
-    ) as running:
-        yield running
 
 
 def metric(broker: SecureBroker, name: str, **labels: str) -> float:
