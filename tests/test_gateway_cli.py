@@ -6,6 +6,7 @@ kid for an option and refused the command.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import kid_as_operand, main
+from gateway.cli import _RETIRE_FLAGS, _parser, kid_as_operand, main
 from tests.gatewayproc import run_cli
 
 
@@ -39,6 +40,19 @@ from tests.gatewayproc import run_cli
 )
 def test_kid_as_operand(argv: list[str], expected: list[str]) -> None:
     assert kid_as_operand(argv) == expected
+
+
+def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    choice: argparse.ArgumentParser = actions[0].choices[name]
+    return choice
+
+
+def test_retire_flags_are_the_parsers() -> None:
+    """`kid_as_operand` keeps its own list of `keys retire`'s flags: it must not drift."""
+    retire = _subcommand(_subcommand(_parser(), "keys"), "retire")
+    options = {s for action in retire._actions for s in action.option_strings}
+    assert options == _RETIRE_FLAGS | {"--dir"}
 
 
 def _quiet_main(*argv: str) -> str:
